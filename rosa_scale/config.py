@@ -1,0 +1,284 @@
+"""RosaConfig (the method) and TrainConfig (a `rosa-train` run): dataclasses, validated on load.
+
+A run's config comes from defaults, then a YAML file, then command-line overrides; every key
+is checked against the dataclass so a typo fails at once with a line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message names it."""
+
+
+@dataclass
+class RosaConfig:
+    """Which layers get ROSA factors and how the trained subspace is chosen."""
+
+    rank: Union[int, float] = 16
+    """Trainable rank per matrix: an int, or a fraction in (0, 1) of min(out, in)."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """'all-linear' (every linear layer but the LM head), a list of module names or name
+    suffixes (e.g. [q_proj, v_proj]), or a regular expression matched against full names."""
+    exclude_modules: list[str] = field(default_factory=list)
+    """Module names or suffixes never wrapped, even if targeted."""
+    method: Literal["svd", "eigh", "qr"] = "svd"
+    """Factorizer: 'svd' (exact), 'eigh' (gram-matrix eigendecomposition, fast on GPUs) or
+    'qr' (projection on a random orthogonal subspace, cheapest)."""
+    sampling: Literal["random", "random-subset", "top", "bottom"] = "random"
+    """Which singular triplets to train: a random contiguous window, a random subset,
+    the largest or the smallest."""
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    """Seeds the choice of triplets: (seed, resample index, module name) -> window."""
+
+
+@dataclass
+class TrainConfig:
+    """One `rosa-train` run. `builtin:` names are offline defaults the package builds itself."""
+
+    model: str = "builtin:smollm2-135m-instruct"
+    """A local Hugging Face model folder, a hub name, or builtin:smollm2-135m-instruct."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the model (the frozen weights); the factors use rosa.adapter_dtype."""
+    dataset: str = "builtin:stdlib-docs"
+    """A local .txt/.json/.jsonl/.parquet file or folder, a hub dataset name, or
+    builtin:stdlib-docs (the local Python's standard-library documentation)."""
+    dataset_config: Union[str, None] = None
+    text_field: str = "text"
+    eval_dataset: Union[str, None] = None
+    """Held-out data (same forms as `dataset`); if unset, a split named validation/test of the
+    dataset is used, else `eval_fraction` of its documents."""
+    eval_fraction: float = 0.05
+    block_size: int = 256
+    """Tokens per training sequence; documents are packed into blocks of this length."""
+    max_train_blocks: Union[int, None] = None
+    max_eval_blocks: Union[int, None] = 64
+    output_dir: str = "runs/rosa"
+    seed: int = 0
+    max_steps: Union[int, None] = 60
+    """Optimizer steps; if null, `epochs` passes over the data."""
+    epochs: float = 1.0
+    batch_size: int = 4
+    """Sequences per device per micro-step."""
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 5
+    rewarm_steps: int = 0
+    """After each resample, ramp the learning rate up again over this many steps (0: none)."""
+    resample_every: Union[int, Literal["epoch"], None] = 20
+    """Optimizer steps between resamples, 'epoch', or null for never."""
+    reset_optimizer: bool = True
+    """Clear the optimizer state of the factors at each resample (their meaning changed)."""
+    eval_every: Union[int, None] = None
+    """Evaluate every N steps (always before and after training)."""
+    log_every: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    save_merged: bool = True
+    """Write the merged model (plain architecture, safetensors) to <output_dir>/merged."""
+    rosa: RosaConfig = field(default_factory=RosaConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise TypeError; ints pass as floats, '1e-3' as a float."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            guess = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' must be a mapping of its own keys")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except TypeError:
+            raise ConfigError(f"config key '{prefix}{key}' must be {_type_name(tp)}, got {value!r}") from None
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    positive = {"block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key in ("max_steps", "resample_every", "eval_every", "max_train_blocks", "max_eval_blocks"):
+        value = getattr(cfg, key)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1 or null, got {value}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"config key 'lr' must be > 0, got {cfg.lr}")
+    if cfg.epochs <= 0:
+        raise ConfigError(f"config key 'epochs' must be > 0, got {cfg.epochs}")
+    if not 0.0 < cfg.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'eval_fraction' must be in (0, 1), got {cfg.eval_fraction}")
+    for key in ("warmup_steps", "rewarm_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
+    validate_rosa(cfg.rosa, prefix="rosa.")
+
+
+def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:
+    rank = rosa.rank
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ConfigError(f"config key '{prefix}rank' must be an int or a fraction in (0, 1), got {rank!r}")
+    if isinstance(rank, float) and not 0.0 < rank < 1.0:
+        raise ConfigError(f"config key '{prefix}rank' as a fraction must be in (0, 1), got {rank}")
+    if isinstance(rank, int) and rank < 1:
+        raise ConfigError(f"config key '{prefix}rank' must be >= 1, got {rank}")
+    if rosa.method == "qr" and rosa.sampling != "random":
+        raise ConfigError(f"config key '{prefix}sampling' must be 'random' with method 'qr' (a random subspace)")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < YAML file < overrides (dotted keys such as 'rosa.rank'), validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    cfg = _build(TrainConfig, tree)
+    _validate(cfg)
+    return cfg
+
+
+def rosa_config(**values: Any) -> RosaConfig:
+    """A validated RosaConfig from keyword values (same checks as a YAML file)."""
+    cfg = _build(RosaConfig, values)
+    validate_rosa(cfg)
+    return cfg
+
+
+def cli_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, type, help) for every leaf field, for building command-line options."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(cli_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", tp, docs.get(f.name, "")))
+    return out
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field in the class body, used as its --help text."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, last = {}, None
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[last] = " ".join(str(node.value.value).split())
+            last = None
+        else:
+            last = None
+    return docs

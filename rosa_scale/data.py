@@ -1,0 +1,118 @@
+"""Text data for causal-LM fine-tuning through `datasets`: load, hold out, tokenize, pack.
+
+Documents are tokenized, joined with the EOS token and cut into blocks of ``block_size``
+tokens, so every batch is full and no token is padding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+BUILTIN_STDLIB = "builtin:stdlib-docs"
+_LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+            ".parquet": "parquet", ".csv": "csv"}
+_EVAL_SPLITS = ("validation", "valid", "eval", "test")
+
+
+class DataError(ValueError):
+    """Data that cannot be used for training; the message names the problem."""
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub names look like 'owner/name'; anything else path-like is meant as a local path."""
+    return spec.startswith((".", "/", "~")) or Path(spec).suffix in _LOADERS
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _LOADERS)
+    if not files:
+        raise DataError(f"no .txt/.json/.jsonl/.parquet/.csv files found in {path}")
+    loaders = {_LOADERS.get(p.suffix) for p in files}
+    if None in loaders:
+        raise DataError(f"unsupported data file type {files[0].suffix!r}: use .txt, .json, .jsonl, .parquet or .csv")
+    if len(loaders) > 1:
+        raise DataError(f"{path} mixes file types ({', '.join(sorted(loaders))}); keep one kind per dataset")
+    return loaders.pop(), [str(p) for p in files]
+
+
+def load_documents(spec: str, config_name: str | None = None) -> Dataset | DatasetDict:
+    """A local file/folder, `builtin:stdlib-docs`, or a hub dataset name -> datasets object."""
+    if spec == BUILTIN_STDLIB:
+        from .builtin import stdlib_corpus_dir
+
+        folder = stdlib_corpus_dir()
+        return load_dataset("json", data_files={"train": str(folder / "train.jsonl"),
+                                                "validation": str(folder / "eval.jsonl")})
+    if spec.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset {spec!r}; the built-in one is {BUILTIN_STDLIB!r}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        loader, files = _local_files(path)
+        kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
+        return load_dataset(loader, data_files={"train": files}, **kwargs)["train"]
+    if _looks_like_path(spec):
+        raise DataError(f"dataset path not found: {spec}")
+    try:
+        return load_dataset(spec, config_name)
+    except Exception as err:  # the hub raises many kinds; the user needs one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"dataset {spec!r} is not a local path and could not be loaded from the hub: {first}") from None
+
+
+def train_eval_split(train: Dataset | DatasetDict, eval_: Dataset | DatasetDict | None,
+                     eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Pick the train split and a held-out split: given, named validation/test, or carved out."""
+    held = None
+    if isinstance(train, DatasetDict):
+        held = next((train[s] for s in _EVAL_SPLITS if s in train), None)
+        if "train" not in train:
+            raise DataError(f"dataset has no 'train' split (it has: {', '.join(train)})")
+        train = train["train"]
+    if isinstance(eval_, DatasetDict):
+        held = next((eval_[s] for s in _EVAL_SPLITS if s in eval_), eval_[next(iter(eval_))])
+    elif eval_ is not None:
+        held = eval_
+    if held is None:
+        if len(train) < 2:
+            raise DataError("dataset has fewer than 2 documents: cannot hold any out for evaluation")
+        parts = train.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
+        train, held = parts["train"], parts["test"]
+    return train, held
+
+
+def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks: int | None = None) -> Dataset:
+    """Tokenize ``docs[text_field]``, join with EOS, cut into ``block_size`` blocks of ``input_ids``."""
+    if text_field not in docs.column_names:
+        raise DataError(f"text field {text_field!r} not in the dataset (columns: {', '.join(docs.column_names)})")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate packed documents")
+
+    def tokenize_and_pack(batch):
+        ids: list[int] = []
+        for text in batch[text_field]:
+            if text and text.strip():
+                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids.append(eos)
+        usable = len(ids) // block_size * block_size
+        return {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
+
+    blocks = docs.map(tokenize_and_pack, batched=True, batch_size=256, remove_columns=docs.column_names,
+                      desc="tokenizing")
+    if len(blocks) == 0:
+        raise DataError(f"the data holds fewer than block_size={block_size} tokens: nothing to train on")
+    if max_blocks is not None and len(blocks) > max_blocks:
+        blocks = blocks.select(range(max_blocks))
+    return blocks.with_format("torch")
+
+
+def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
+    """Packed train and eval blocks for a TrainConfig."""
+    train_docs = load_documents(cfg.dataset, cfg.dataset_config)
+    eval_docs = load_documents(cfg.eval_dataset) if cfg.eval_dataset else None
+    train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed)
+    train = pack(train_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_train_blocks)
+    held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks)
+    return train, held
+

@@ -1,0 +1,127 @@
+"""Pure math of ROSA on full tensors: choose singular indices, split a weight, merge it back.
+
+A weight ``W`` (out x in) is split into a frozen residual and two trainable factors::
+
+    up   = U_J S_J^1/2            (out x r)
+    down = S_J^1/2 V_J^T          (r x in)
+    w_fixed = W - up @ down       (computed by subtraction in fp32 or wider)
+
+Because ``w_fixed`` is obtained by subtraction, ``w_fixed + up @ down`` equals ``W`` up to one
+rounding whatever the factorizer's accuracy, so a split never changes the layer's function.
+Nothing here knows about modules or processes.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+METHODS = ("svd", "eigh", "qr")
+SAMPLINGS = ("random", "random-subset", "top", "bottom")
+
+
+def window_generator(seed: int, resample_index: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, resample index, matrix name): same windows on any world size."""
+    digest = hashlib.sha256(f"{seed}:{resample_index}:{name}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def choose_indices(n: int, rank: int, sampling: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices (sorted, into singular values in descending order) of the ``rank`` triplets to train."""
+    if not 0 < rank < n:
+        raise ValueError(f"rank {rank} must be between 1 and {n - 1} for a matrix whose smaller side is {n}")
+    if sampling == "random":
+        start = int(torch.randint(0, n - rank + 1, (1,), generator=generator))
+        return torch.arange(start, start + rank)
+    if sampling == "random-subset":
+        return torch.randperm(n, generator=generator)[:rank].sort().values
+    if sampling == "top":
+        return torch.arange(rank)
+    if sampling == "bottom":
+        return torch.arange(n - rank, n)
+    raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+
+
+def _work_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _factors_svd(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    idx = idx.to(w.device)
+    root = s[idx].sqrt()
+    return u[:, idx] * root, root[:, None] * vh[idx]
+
+
+def _factors_eigh(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular triplets from the eigen-decomposition of the smaller gram matrix (fast on GPUs).
+
+    The gram matrix is formed in float64 so the small singular values keep their accuracy.
+    """
+    w64 = w.double()
+    tall = w.shape[0] >= w.shape[1]
+    gram = w64.T @ w64 if tall else w64 @ w64.T
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    order = torch.argsort(evals, descending=True)
+    idx = order[idx.to(w.device)]
+    s = evals[idx].clamp_min(0).sqrt()
+    vecs = evecs[:, idx]
+    # A zero singular value has no defined partner vector; its product with W is ~0 anyway.
+    inv_root = 1.0 / s.clamp_min(torch.finfo(torch.float64).tiny ** 0.25).sqrt()
+    root = s.sqrt()
+    if tall:  # vecs are right singular vectors V_J
+        up, down = (w64 @ vecs) * inv_root, root[:, None] * vecs.T
+    else:  # vecs are left singular vectors U_J
+        up, down = vecs * root, inv_root[:, None] * (vecs.T @ w64)
+    return up.to(w.dtype), down.to(w.dtype)
+
+
+def _factors_qr(w: torch.Tensor, rank: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project W onto a random rank-r input subspace Q: up @ down = W Q Q^T, in O(out * in * r).
+
+    A thin SVD of the small (out x r) product balances the two factors like the SVD route.
+    """
+    gauss = torch.randn(w.shape[1], rank, generator=generator, dtype=torch.float64).to(w.device, w.dtype)
+    q, _ = torch.linalg.qr(gauss)
+    u, s, vh = torch.linalg.svd(w @ q, full_matrices=False)
+    root = s.sqrt()
+    return u * root, root[:, None] * (vh @ q.T)
+
+
+def split(
+    w: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "svd",
+    sampling: str = "random",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``w`` (out x in) into ``(w_fixed, up, down)``, all in fp32 (fp64 if ``w`` is fp64)."""
+    if w.dim() != 2:
+        raise ValueError(f"split needs a 2-D weight, got shape {tuple(w.shape)}")
+    work = w.to(_work_dtype(w))
+    n = min(work.shape)
+    if method == "qr":
+        if sampling != "random":
+            raise ValueError(f"method 'qr' draws a random subspace; sampling {sampling!r} does not apply to it")
+        if not 0 < rank < n:
+            raise ValueError(f"rank {rank} must be between 1 and {n - 1} for a matrix whose smaller side is {n}")
+        up, down = _factors_qr(work, rank, generator)
+    else:
+        idx = choose_indices(n, rank, sampling, generator)
+        if method == "svd":
+            up, down = _factors_svd(work, idx)
+        elif method == "eigh":
+            up, down = _factors_eigh(work, idx)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    w_fixed = work - up @ down
+    return w_fixed, up.contiguous(), down.contiguous()
+
+
+def merge(w_fixed: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``w_fixed + up @ down`` in fp32 (fp64 if any input is fp64), whatever the storage dtypes."""
+    dtype = torch.float64 if torch.float64 in (w_fixed.dtype, up.dtype, down.dtype) else torch.float32
+    return w_fixed.to(dtype) + up.to(dtype) @ down.to(dtype)

@@ -1,0 +1,112 @@
+"""RosaLinear: a frozen linear layer (holding ``w_fixed``) plus trainable factors ``up``, ``down``.
+
+The wrapped layer is kept as it is (``nn.Linear`` or GPT-2's transposed ``Conv1D``) so merging
+gives back the original module type, with the original parameter names and shapes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .factorize import merge, split
+
+try:  # GPT-2 style layers store the weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a supported linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if Conv1D and isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    raise TypeError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or Conv1D)")
+
+
+def resolve_rank(rank: int | float, out_features: int, in_features: int) -> int:
+    """An int rank as is; a float in (0, 1) as a fraction of min(out, in). Must stay below min(out, in)."""
+    smaller = min(out_features, in_features)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"rank must be an int or a fraction in (0, 1), got {rank!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank < 1.0:
+            raise ValueError(f"a fractional rank must be in (0, 1), got {rank}")
+        rank = max(1, round(rank * smaller))
+    if not 0 < rank < smaller:
+        raise ValueError(
+            f"rank {rank} is too large for a {out_features}x{in_features} layer: it must be below {smaller}"
+        )
+    return rank
+
+
+class RosaLinear(nn.Module):
+    """``base(x) + up(down(x))``: ``base`` holds the frozen residual, ``up``/``down`` are trained.
+
+    Right after construction ``up`` and ``down`` are zero and ``base`` holds the original weight,
+    so the layer computes exactly what it did; a split (see ``rosa_scale.resample``) then moves
+    ``r`` singular directions from the base into the factors.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        out_features, in_features = linear_shape(base)
+        self.base = base
+        self.rank = rank
+        self.transposed = not isinstance(base, nn.Linear)
+        device = base.weight.device
+        self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
+        self.down = nn.Parameter(torch.zeros(rank, in_features, dtype=adapter_dtype, device=device))
+        base.weight.requires_grad_(False)
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def weight_param(self) -> nn.Parameter:
+        """The frozen parameter holding ``w_fixed`` (stored transposed for Conv1D)."""
+        return self.base.weight
+
+    def fixed_weight(self) -> torch.Tensor:
+        """``w_fixed`` as an (out x in) view of the local parameter."""
+        w = self.base.weight
+        return w.T if self.transposed else w
+
+    @torch.no_grad()
+    def write_(self, w_fixed: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy new values into the existing parameters (never replace them: optimizers hold them)."""
+        self.fixed_weight().copy_(w_fixed)
+        self.up.copy_(up)
+        self.down.copy_(down)
+
+    @torch.no_grad()
+    def resplit_(self, generator: torch.Generator, method: str, sampling: str) -> None:
+        """Merge the factors into the weight, split it again on a new window, write in place."""
+        w = merge(self.fixed_weight(), self.up, self.down)
+        self.write_(*split(w, self.rank, method=method, sampling=sampling, generator=generator))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``w_fixed + up @ down`` (out x in) in fp32."""
+        return merge(self.fixed_weight(), self.up, self.down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, adapter_dtype={self.up.dtype}"

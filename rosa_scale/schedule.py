@@ -1,0 +1,23 @@
+"""Learning-rate factor per optimizer step: warmup, decay, and an optional re-warmup per resample.
+
+A pure function of the step, so a resumed run gets the same rate without extra state.
+"""
+from __future__ import annotations
+
+import math
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
+              resample_every: int | None = None, rewarm_steps: int = 0) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step ``step``."""
+    factor = 1.0
+    if warmup_steps > 0 and step < warmup_steps:
+        factor = (step + 1) / (warmup_steps + 1)
+    elif schedule != "constant":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    if rewarm_steps > 0 and resample_every:
+        since_resample = step - (step // resample_every) * resample_every
+        if step >= resample_every and since_resample < rewarm_steps:
+            factor *= (since_resample + 1) / (rewarm_steps + 1)
+    return factor

@@ -1,0 +1,222 @@
+"""`rosa-train`: fine-tune a causal LM with ROSA through accelerate (one process, DDP; CPU or GPU).
+
+With no arguments it runs the built-in offline demo: SmolLM2-135M-Instruct on the local
+Python's standard-library documentation. Every config key is also a command-line option
+(``--lr 1e-3``, ``--rosa.rank 8``); ``--config run.yaml`` loads a file first.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .config import TrainConfig, cli_fields, load_config, to_dict
+from .data import DataError, build_datasets
+from .loading import load_model_and_tokenizer, resolve_model_path
+from .metrics import MetricsWriter
+from .model import adapter_parameters, apply_rosa, merge_rosa
+from .resample import resample
+from .schedule import lr_factor
+
+# Config, data and model errors subclass ValueError, as do invalid ROSA settings for a model
+# (rank too large, unknown target module). ROSA_SCALE_DEBUG=1 shows the traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rosa-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file of config keys (command-line options override it)")
+    defaults = to_dict(TrainConfig())
+    for key, tp, doc in cli_fields():
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS,
+                            metavar="VALUE", help=f"{doc} [default: {node}]" if doc else f"[default: {node}]")
+    return parser
+
+
+def _is_plain_str(tp) -> bool:
+    args = typing.get_args(tp)
+    return tp is str or (typing.get_origin(tp) is typing.Union and set(args) == {str, type(None)})
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Command line -> validated TrainConfig; option values are read as YAML scalars/lists."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    types_ = {key: tp for key, tp, _ in cli_fields()}
+    overrides = {}
+    for key, raw in args.items():
+        try:
+            overrides[key] = raw if _is_plain_str(types_[key]) else yaml.safe_load(raw)
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return load_config(path, overrides)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> float:
+    """Mean next-token loss per block over the held-out set, across all processes."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        nll = accelerator.gather_for_metrics(nll.view(ids.shape[0], -1).mean(1))
+        total += nll.double().sum().item()
+        count += nll.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    return steps_per_epoch if cfg.resample_every == "epoch" else cfg.resample_every
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    say = accelerator.print
+    with accelerator.main_process_first():
+        model, tokenizer = load_model_and_tokenizer(resolve_model_path(cfg.model), cfg.model_dtype)
+        train_set, eval_set = build_datasets(cfg, tokenizer)
+    model.to(accelerator.device)
+    apply_rosa(model, cfg.rosa)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_set)} training blocks are too few for one optimizer step of "
+                        f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {accelerator.num_processes} processes")
+    total = cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch))
+    every = _resample_interval(cfg, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        getattr(optimizer, "optimizer", optimizer),
+        lambda s: lr_factor(s, total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                            resample_every=every, rewarm_steps=cfg.rewarm_steps))
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    trainable = sum(p.numel() for p in params)
+    everything = sum(p.numel() for p in model.parameters())
+    say(f"rosa-train: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}; "
+        f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
+        f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
+        f"{total} steps, resample every {every or 'never'}")
+
+    metrics = MetricsWriter(out, enabled=accelerator.is_main_process)
+    eval_before = evaluate(model, eval_loader, accelerator)
+    metrics.log(0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
+    say(f"held-out perplexity before: {math.exp(eval_before):.2f}")
+
+    bar = tqdm(total=total, desc="rosa-train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    step, epoch, losses, tokens, clock = 0, 0, [], 0, time.perf_counter()
+    resamples = 0
+    model.train()
+    while step < total:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                ids = batch["input_ids"]
+                loss = model(input_ids=ids, labels=ids).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            tokens += ids.numel()
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            record = {}
+            if step % cfg.log_every == 0 or step == total:
+                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                elapsed = time.perf_counter() - clock
+                record.update(loss=mean_loss, lr=lr, tokens_per_s=tokens * accelerator.num_processes / elapsed)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                losses, tokens, clock = [], 0, time.perf_counter()
+            if every and step % every == 0 and step < total:
+                record["resample_s"] = resample(model, optimizer if cfg.reset_optimizer else None)
+                resamples += 1
+                clock = time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                record["eval_loss"] = evaluate(model, eval_loader, accelerator)
+                record["eval_ppl"] = math.exp(record["eval_loss"])
+                clock = time.perf_counter()
+            if record:
+                metrics.log(step, **record)
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+
+    eval_after = evaluate(model, eval_loader, accelerator)
+    metrics.log(step, eval_loss=eval_after, eval_ppl=math.exp(eval_after))
+    say(f"held-out perplexity after {step} steps and {resamples} resamples: {math.exp(eval_after):.2f} "
+        f"(before: {math.exp(eval_before):.2f})")
+    summary = {"steps": step, "resamples": resamples, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+               "eval_ppl_before": math.exp(eval_before), "eval_ppl_after": math.exp(eval_after), "merged": None}
+    if cfg.save_merged:
+        from .export import save_hf_folder
+
+        accelerator.wait_for_everyone()
+        merged = merge_rosa(accelerator.unwrap_model(model))
+        if accelerator.is_main_process:
+            summary["merged"] = str(save_hf_folder(merged, tokenizer, out / "merged"))
+            say(f"merged model (plain {type(merged).__name__}, loadable with transformers): {summary['merged']}")
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "rosa-train"
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("ROSA_SCALE_DEBUG"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
