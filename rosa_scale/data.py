@@ -93,7 +93,7 @@ def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks:
         ids: list[int] = []
         for text in batch[text_field]:
             if text and text.strip():
-                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 ids.append(eos)
         usable = len(ids) // block_size * block_size
         return {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
