@@ -65,7 +65,7 @@ class TrainConfig:
     max_eval_blocks: Union[int, None] = 64
     output_dir: str = "runs/rosa"
     seed: int = 0
-    max_steps: Union[int, None] = 60
+    max_steps: Union[int, None] = 48
     """Optimizer steps; if null, `epochs` passes over the data."""
     epochs: float = 1.0
     batch_size: int = 4
@@ -77,7 +77,7 @@ class TrainConfig:
     warmup_steps: int = 5
     rewarm_steps: int = 0
     """After each resample, ramp the learning rate up again over this many steps (0: none)."""
-    resample_every: Union[int, Literal["epoch"], None] = 20
+    resample_every: Union[int, Literal["epoch"], None] = 16
     """Optimizer steps between resamples, 'epoch', or null for never."""
     reset_optimizer: bool = True
     """Clear the optimizer state of the factors at each resample (their meaning changed)."""

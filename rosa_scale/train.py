@@ -199,6 +199,13 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             summary["merged"] = str(save_hf_folder(merged, tokenizer, out / "merged"))
             say(f"merged model (plain {type(merged).__name__}, loadable with transformers): {summary['merged']}")
+    if accelerator.is_main_process:
+        import json
+        import torch.distributed as dist
+
+        summary.update(distributed_type=accelerator.distributed_type.value, num_processes=accelerator.num_processes,
+                       world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

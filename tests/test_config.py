@@ -39,3 +39,20 @@ def test_rosa_config_helper():
     assert rosa_config(rank=0.5) == RosaConfig(rank=0.5)
     with pytest.raises(ConfigError, match="unknown config key 'rnk'"):
         rosa_config(rnk=3)
+
+
+def test_shipped_train_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    paths = sorted(root.glob("*.yaml"))
+    assert paths
+    for path in paths:
+        load_config(path)
+
+
+def test_demo_config_is_the_default():
+    from pathlib import Path
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml")
+    assert demo == TrainConfig()
