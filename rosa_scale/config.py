@@ -38,6 +38,12 @@ class RosaConfig:
     """Which singular triplets to train: a random contiguous window, a random subset,
     the largest or the smallest."""
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fixed_dtype: Literal["model", "float32"] = "model"
+    """Storage of the frozen residual W_fixed: the model's dtype, or float32 so merged updates
+    smaller than a bf16 step are kept (more memory)."""
+    stochastic_rounding: bool = False
+    """Round W_fixed to bf16 stochastically at each resample, so small merged updates survive
+    in expectation instead of being rounded away."""
     seed: int = 0
     """Seeds the choice of triplets: (seed, resample index, module name) -> window."""
 

@@ -125,3 +125,17 @@ def merge(w_fixed: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.
     """``w_fixed + up @ down`` in fp32 (fp64 if any input is fp64), whatever the storage dtypes."""
     dtype = torch.float64 if torch.float64 in (w_fixed.dtype, up.dtype, down.dtype) else torch.float32
     return w_fixed.to(dtype) + up.to(dtype) @ down.to(dtype)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype, *, stochastic: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cast fp32 ``x`` to ``dtype``; to bfloat16 optionally with stochastic rounding.
+
+    Round-to-nearest drops any merged update smaller than half a bf16 step of the weight;
+    stochastic rounding keeps it in expectation.
+    """
+    if not stochastic or dtype != torch.bfloat16 or x.dtype != torch.float32:
+        return x.to(dtype)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32).to(x.device)
+    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # clear the 16 low bits of the sum
+    return bits.view(torch.float32).to(torch.bfloat16)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .factorize import merge, split
+from .factorize import merge, round_to, split
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -86,17 +86,15 @@ class RosaLinear(nn.Module):
         return w.T if self.transposed else w
 
     @torch.no_grad()
-    def write_(self, w_fixed: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Copy new values into the existing parameters (never replace them: optimizers hold them)."""
-        self.fixed_weight().copy_(w_fixed)
-        self.up.copy_(up)
-        self.down.copy_(down)
+    def resplit_(self, generator: torch.Generator, config) -> None:
+        """Merge the factors into the weight, split again on a new window, copy in place.
 
-    @torch.no_grad()
-    def resplit_(self, generator: torch.Generator, method: str, sampling: str) -> None:
-        """Merge the factors into the weight, split it again on a new window, write in place."""
-        w = merge(self.fixed_weight(), self.up, self.down)
-        self.write_(*split(w, self.rank, method=method, sampling=sampling, generator=generator))
+        Values are copied into the existing parameters, never replacing them: optimizers hold them.
+        """
+        new = resplit_values(self.weight_param, self.up, self.down, transposed=self.transposed, rank=self.rank,
+                             generator=generator, config=config)
+        for param, value in zip((self.weight_param, self.up, self.down), new):
+            param.copy_(value)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -110,3 +108,17 @@ class RosaLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, adapter_dtype={self.up.dtype}"
+
+
+@torch.no_grad()
+def resplit_values(w_param: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, transposed: bool, rank: int,
+                   generator: torch.Generator, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New values of (weight param, up, down) from full tensors, in the storage layout and dtypes.
+
+    The merge and split run in fp32; ``w_fixed`` is then rounded to the weight's dtype, stochastically
+    if ``config.stochastic_rounding`` (bf16 only). Used by every engine on its full tensors.
+    """
+    w = merge(w_param.T if transposed else w_param, up, down)
+    w_fixed, new_up, new_down = split(w, rank, method=config.method, sampling=config.sampling, generator=generator)
+    w_fixed = round_to(w_fixed, w_param.dtype, stochastic=config.stochastic_rounding, generator=generator)
+    return (w_fixed.T.contiguous() if transposed else w_fixed), new_up.to(up.dtype), new_down.to(down.dtype)

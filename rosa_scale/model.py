@@ -122,9 +122,12 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
         p.requires_grad_(False)
     for n in names:
         _set_submodule(model, n, RosaLinear(model.get_submodule(n), ranks[n], _DTYPES[config.adapter_dtype]))
+    if config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter
+        for layer in rosa_layers(model).values():
+            layer.weight_param.data = layer.weight_param.data.float()
     model.rosa_state = RosaState(config=config, split_index=0, requires_grad=requires_grad)
     if split:
-        engine_for(model).resplit(rosa_layers(model), 0, config.seed, config.method, config.sampling)
+        engine_for(model).resplit(model, rosa_layers(model), 0, config)
     return model
 
 

@@ -29,7 +29,7 @@ def resample(model: nn.Module, optimizer=None, *, index: int | None = None) -> f
     cfg = state.config
     engine = engine_for(model)
     start = time.perf_counter()
-    engine.resplit(rosa_layers(model), index, cfg.seed, cfg.method, cfg.sampling)
+    engine.resplit(model, rosa_layers(model), index, cfg)
     state.split_index = index
     if optimizer is not None:
         engine.reset_optimizer_state(optimizer, adapter_parameters(model))

@@ -1,7 +1,8 @@
 """Ways parameters can live (full, FSDP2 shards, ZeRO-3 partitions), behind one small interface.
 
-An engine provides ``resplit(layers, index, seed, method, sampling)`` and
-``reset_optimizer_state(optimizer, params)``; ``engine_for`` picks it from the model itself.
+An engine provides ``resplit(model, layers, index, config)`` (merge and split every ROSA layer
+on the windows of resample ``index``, in place) and ``reset_optimizer_state(optimizer, params)``;
+``engine_for`` picks it from how the model's parameters are stored, never from flags.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from .local import LocalEngine
 
 
 def engine_for(model: nn.Module):
-    """The engine matching how the model's parameters are stored (never guessed from flags)."""
+    """The engine matching how the model's parameters are stored."""
     for p in model.parameters():
         if hasattr(p, "ds_id"):
             raise NotImplementedError("DeepSpeed ZeRO-3 partitioned parameters are not supported yet")
-        if type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor":
-            raise NotImplementedError("FSDP2 (DTensor) parameters are not supported yet")
+    from .fsdp2 import Fsdp2Engine, is_sharded
+
+    if is_sharded(model):
+        return Fsdp2Engine()
     return LocalEngine()

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 
 from ..factorize import window_generator
-from ..layer import RosaLinear
 from .plan import plan_owners
+from .state import reset_optimizer_state
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """(world size, rank), or (1, 0) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -21,15 +22,16 @@ def _world() -> tuple[int, int]:
 
 class LocalEngine:
     name = "local"
+    reset_optimizer_state = staticmethod(reset_optimizer_state)
 
     @torch.no_grad()
-    def resplit(self, layers: dict[str, RosaLinear], index: int, seed: int, method: str, sampling: str) -> None:
-        world, rank = _world()
-        owners = plan_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, world)
+    def resplit(self, model, layers, index: int, config) -> None:
+        size, rank = world()
+        owners = plan_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
         for name, layer in layers.items():
             if owners[name] == rank:
-                layer.resplit_(window_generator(seed, index, name), method, sampling)
-        if world > 1:
+                layer.resplit_(window_generator(config.seed, index, name), config)
+        if size > 1:
             handles = [
                 dist.broadcast(t, src=owners[name], async_op=True)
                 for name, layer in layers.items()
@@ -37,9 +39,3 @@ class LocalEngine:
             ]
             for handle in handles:
                 handle.wait()
-
-    def reset_optimizer_state(self, optimizer, params) -> None:
-        """Forget the moments (and step count) of ``params``: torch optimizers re-create them lazily."""
-        inner = getattr(optimizer, "optimizer", optimizer)
-        for p in params:
-            inner.state.pop(p, None)

@@ -1,0 +1,104 @@
+"""FSDP2 (DTensor shards): each matrix is factorized by one owner rank, results written into shards.
+
+A resample goes in rounds. In each round every rank owns at most one matrix: the full
+``w_fixed``, ``up`` and ``down`` of the round's matrices are gathered (a rank keeps only the one
+it owns), the owners merge and split concurrently, and each owner scatters its new values
+into the existing local shards. Peak extra memory per rank is one matrix's full tensors
+plus one in flight, whatever the model size; parameter objects are never replaced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..factorize import window_generator
+from ..layer import resplit_values
+from .local import world
+from .plan import plan_owners
+from .state import reset_optimizer_state
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfloat16,
+                reduce_dtype: torch.dtype | None = torch.float32, mesh=None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` every decoder layer (classes in ``model._no_split_modules``) and the root.
+
+    Call after ``apply_rosa(model, cfg, split=False)`` and before building the optimizer, then
+    make the first split with ``resample(model, index=0)``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules to shard by")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
+
+
+def _write(p: nn.Parameter, value: torch.Tensor | None, src: int) -> None:
+    """Copy ``value`` (held by rank ``src`` only) into every rank's part of ``p``."""
+    if isinstance(p, DTensor):
+        local = p.to_local()
+        if value is None:
+            value = torch.empty(p.shape, dtype=p.dtype, device=local.device)
+        local.copy_(distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=src).to_local())
+    else:  # a parameter FSDP left whole (a layer outside any sharded module): replicate it
+        if value is not None:
+            p.data.copy_(value)
+        dist.broadcast(p.data, src=src)
+
+
+class Fsdp2Engine:
+    name = "fsdp2"
+    reset_optimizer_state = staticmethod(reset_optimizer_state)
+
+    @torch.no_grad()
+    def resplit(self, model, layers, index: int, config) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():  # a no_grad forward leaves the root unsharded: writes would be lost
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        size, rank = world()
+        owners = plan_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
+        queues = [[n for n in layers if owners[n] == r] for r in range(size)]
+        for step in range(max(len(q) for q in queues)):
+            round_ = [(r, q[step]) for r, q in enumerate(queues) if step < len(q)]
+            mine = None
+            for owner, name in round_:
+                layer = layers[name]
+                full = [_full(t) for t in (layer.weight_param, layer.up, layer.down)]  # collective
+                if owner == rank:
+                    mine = (name, full)
+                del full
+            new = None
+            if mine is not None:
+                name, (w, up, down) = mine
+                layer = layers[name]
+                new = resplit_values(w, up, down, transposed=layer.transposed, rank=layer.rank,
+                                     generator=window_generator(config.seed, index, name), config=config)
+                del mine, w, up, down
+            for owner, name in round_:
+                layer = layers[name]
+                values = new if owner == rank else (None, None, None)
+                for param, value in zip((layer.weight_param, layer.up, layer.down), values):
+                    _write(param, value, owner)
+            del new
