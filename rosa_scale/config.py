@@ -92,6 +92,10 @@ class TrainConfig:
     log_every: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
+    fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.
+    Launching with accelerate's FSDP2 config (configs/accelerate/fsdp2.yaml) does the same."""
     save_merged: bool = True
     """Write the merged model (plain architecture, safetensors) to <output_dir>/merged."""
     rosa: RosaConfig = field(default_factory=RosaConfig)

@@ -1,12 +1,53 @@
-"""Write a merged model as an ordinary Hugging Face folder, atomically (temp folder, then rename)."""
+"""The merged model as an ordinary Hugging Face folder: full weights gathered, written atomically.
+
+Works for every engine: under FSDP2 each tensor is gathered in turn (a collective, all ranks
+call) and only rank 0 keeps the full copy, on the CPU.
+"""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.nn as nn
 
-def save_hf_folder(model, tokenizer, out_dir: str | Path) -> Path:
+from .factorize import merge
+from .model import rosa_layers
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The state dict of the original architecture with ``w_fixed + up @ down`` folded in.
+
+    Returns the dict on rank 0 (or without a process group) and None elsewhere.
+    """
+    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    layers = rosa_layers(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf in ("up", "down"):
+            continue
+        full = _full(value)
+        if key.endswith(".base.weight") and key[: -len(".base.weight")] in layers:
+            layer = layers[key[: -len(".base.weight")]]
+            w = merge(full.T if layer.transposed else full, _full(layer.up), _full(layer.down))
+            full = (w.T if layer.transposed else w).to(full.dtype)
+            key = key.replace(".base.weight", ".weight")
+        elif ".base." in key and key.split(".base.")[0] in layers:
+            key = key.replace(".base.", ".")
+        if keep:
+            out[key] = full.to("cpu", dtype if dtype is not None and full.is_floating_point() else full.dtype)
+    return out if keep else None
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` into a sibling temp folder, then swap it in: a reader never sees half a model."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -14,7 +55,7 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path) -> Path:
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -24,3 +65,21 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:
+    """Gather the merged weights (all ranks call) and write them on rank 0 as a plain HF folder.
+
+    The folder is written from an empty skeleton of the original class, so no ROSA or FSDP
+    wrapper leaks into it. Returns the folder on rank 0, None elsewhere.
+    """
+    from transformers import AutoModelForCausalLM
+
+    state = merged_state_dict(model, dtype)
+    if state is None:
+        return None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    if getattr(model, "generation_config", None) is not None:
+        skeleton.generation_config = model.generation_config
+    return save_hf_folder(skeleton, tokenizer, out_dir, state_dict=state)

@@ -20,9 +20,11 @@ import yaml
 
 from .config import TrainConfig, cli_fields, load_config, to_dict
 from .data import DataError, build_datasets
-from .loading import load_model_and_tokenizer, resolve_model_path
+from .engines import engine_for
+from .export import save_merged
+from .loading import DTYPES, load_model_and_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
-from .model import adapter_parameters, apply_rosa, merge_rosa
+from .model import adapter_parameters, apply_rosa
 from .resample import resample
 from .schedule import lr_factor
 
@@ -91,7 +93,7 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -104,16 +106,31 @@ def train(cfg: TrainConfig) -> dict:
         model, tokenizer = load_model_and_tokenizer(resolve_model_path(cfg.model), cfg.model_dtype)
         train_set, eval_set = build_datasets(cfg, tokenizer)
     model.to(accelerator.device)
-    apply_rosa(model, cfg.rosa)
+    # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) the first split is made
+    # after sharding, spread over the ranks; otherwise on the full weights right away.
+    accelerate_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    own_fsdp = cfg.fsdp and not accelerate_fsdp
+    apply_rosa(model, cfg.rosa, split=not (accelerate_fsdp or own_fsdp))
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if own_fsdp:
+        from .engines.fsdp2 import shard_model
+
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
     params = adapter_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if own_fsdp:  # already sharded: accelerate must not wrap it again (DDP)
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if accelerate_fsdp or own_fsdp:
+        resample(model, index=0)
+    engine = engine_for(accelerator.unwrap_model(model) if not own_fsdp else model).name
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -131,7 +148,8 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainable = sum(p.numel() for p in params)
     everything = sum(p.numel() for p in model.parameters())
-    say(f"rosa-train: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}; "
+    say(f"rosa-train: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
+        f"engine {engine}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
         f"{total} steps, resample every {every or 'never'}")
@@ -192,18 +210,18 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps": step, "resamples": resamples, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
                "eval_ppl_before": math.exp(eval_before), "eval_ppl_after": math.exp(eval_after), "merged": None}
     if cfg.save_merged:
-        from .export import save_hf_folder
-
         accelerator.wait_for_everyone()
-        merged = merge_rosa(accelerator.unwrap_model(model))
-        if accelerator.is_main_process:
-            summary["merged"] = str(save_hf_folder(merged, tokenizer, out / "merged"))
-            say(f"merged model (plain {type(merged).__name__}, loadable with transformers): {summary['merged']}")
+        folder = save_merged(model if own_fsdp else accelerator.unwrap_model(model), tokenizer, out / "merged",
+                             DTYPES[cfg.model_dtype])
+        if folder is not None:
+            summary["merged"] = str(folder)
+            say(f"merged model (the original architecture, loadable with plain transformers): {folder}")
     if accelerator.is_main_process:
         import json
         import torch.distributed as dist
 
-        summary.update(distributed_type=accelerator.distributed_type.value, num_processes=accelerator.num_processes,
+        summary.update(distributed_type=accelerator.distributed_type.value, engine=engine,
+                       num_processes=accelerator.num_processes,
                        world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.close()

@@ -1,4 +1,4 @@
-"""rosa-train under DDP: 2 CPU processes (gloo) really run together and match one process.
+"""rosa-train on 2 CPU processes (gloo), DDP and FSDP2: really distributed, and equal to one process.
 
 accelerate silently runs separate single-process jobs when misconfigured, so the test
 checks the distributed type and world size the run itself saw.
@@ -27,29 +27,38 @@ def _args(model_dir, data, out, batch_size):
             "--max-train-blocks", "256", "--output-dir", str(out)]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tiny_model_dir, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    single = subprocess.run([sys.executable, *_args(tiny_model_dir, tiny_data, tmp_path / "one", 4)],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    proc = subprocess.run([sys.executable, *_args(tiny_model_dir, tiny_data, out, 4)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,extra", [("local", []), ("fsdp2", ["--fsdp", "true"])])
+def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_dir, tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
               "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    ddp = subprocess.run([*launch, *_args(tiny_model_dir, tiny_data, tmp_path / "two", 2)],
+    two = subprocess.run([*launch, *_args(tiny_model_dir, tiny_data, tmp_path / "two", 2), *extra],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
 
     seen = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert seen["distributed_type"] == "MULTI_CPU"
+    assert seen["distributed_type"] == "MULTI_CPU" and seen["engine"] == engine
     assert seen["num_processes"] == seen["world_size"] == 2
-    assert json.loads((tmp_path / "one" / "summary.json").read_text())["world_size"] == 1
 
-    # same global batch (4 = 2 x 2), same windows: the merged models agree to fp32 reduction order
-    one = load_file(tmp_path / "one" / "merged" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "merged" / "model.safetensors")
-    assert one.keys() == two.keys()
+    # same global batch (4 = 2 x 2), same windows: the merged models agree up to fp32 reduction
+    # order, which Adam amplifies over 12 steps to ~1e-4 at most
+    one = load_file(single_run / "merged" / "model.safetensors")
+    other = load_file(tmp_path / "two" / "merged" / "model.safetensors")
+    assert one.keys() == other.keys()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(other[name], one[name], rtol=0, atol=5e-4, msg=name)
     start = load_file(tiny_model_dir / "model.safetensors")
     moved = [n for n in one if (one[n] - start[n]).abs().max() > 1e-3]
     assert any("proj" in n for n in moved)  # training really changed the weights being compared
