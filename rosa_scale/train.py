@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import TrainConfig, cli_fields, load_config, to_dict
+from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .data import DataError, build_datasets
 from .engines import engine_for
 from .export import save_merged
@@ -116,6 +116,9 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if own_fsdp:
         from .engines.fsdp2 import shard_model
+
+        if accelerator.num_processes < 2:
+            raise ConfigError("fsdp: true needs a launch of 2 or more processes (torchrun or accelerate launch)")
 
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)

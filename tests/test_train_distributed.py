@@ -62,3 +62,38 @@ def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_d
     start = load_file(tiny_model_dir / "model.safetensors")
     moved = [n for n in one if (one[n] - start[n]).abs().max() > 1e-3]
     assert any("proj" in n for n in moved)  # training really changed the weights being compared
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_cpu_config_really_shards(tiny_model_dir, tiny_data, tmp_path):
+    """configs/accelerate/fsdp2_cpu.yaml + --fsdp true: two processes, FSDP2 engine in effect."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2_cpu.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--main_process_port", str(_free_port()), "-m", "rosa_scale.train"]
+    args = _args(tiny_model_dir, tiny_data, tmp_path / "acc", 2)[2:]
+    proc = subprocess.run([*launch, *args, "--max-steps", "4", "--fsdp", "true"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads((tmp_path / "acc" / "summary.json").read_text())
+    assert seen["engine"] == "fsdp2" and seen["num_processes"] == seen["world_size"] == 2
+
+
+def test_fsdp_on_one_process_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    proc = subprocess.run([sys.executable, *_args(tiny_model_dir, tiny_data, tmp_path / "x", 2), "--fsdp", "true"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "rosa-train: error: fsdp: true needs a launch of 2 or more processes" in proc.stderr
+
+
+def test_shipped_accelerate_configs_load():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    configs = {p.stem: load_config_from_file(str(p)) for p in sorted(root.glob("*.yaml"))}
+    assert configs["fsdp2"].distributed_type == "FSDP" and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert configs["fsdp2_cpu"].use_cpu and configs["fsdp2_cpu"].num_processes == 2
