@@ -61,19 +61,12 @@ class RosaLinear(nn.Module):
         out_features, in_features = linear_shape(base)
         self.base = base
         self.rank = rank
+        self.out_features, self.in_features = out_features, in_features  # params may be partitioned later
         self.transposed = not isinstance(base, nn.Linear)
         device = base.weight.device
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
         self.down = nn.Parameter(torch.zeros(rank, in_features, dtype=adapter_dtype, device=device))
         base.weight.requires_grad_(False)
-
-    @property
-    def out_features(self) -> int:
-        return self.up.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.down.shape[1]
 
     @property
     def weight_param(self) -> nn.Parameter:

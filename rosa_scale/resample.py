@@ -11,8 +11,8 @@ from .model import adapter_parameters, rosa_layers, rosa_state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (accelerate's and torch's)."""
-    while isinstance(model, DistributedDataParallel):
+    """The model inside a DDP or DeepSpeed wrapper."""
+    while isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
         model = model.module
     return model
 

@@ -13,11 +13,11 @@ from .local import LocalEngine
 
 def engine_for(model: nn.Module):
     """The engine matching how the model's parameters are stored."""
-    for p in model.parameters():
-        if hasattr(p, "ds_id"):
-            raise NotImplementedError("DeepSpeed ZeRO-3 partitioned parameters are not supported yet")
     from .fsdp2 import Fsdp2Engine, is_sharded
+    from .zero3 import Zero3Engine, is_partitioned
 
+    if is_partitioned(model):
+        return Zero3Engine()
     if is_sharded(model):
         return Fsdp2Engine()
     return LocalEngine()

@@ -1,4 +1,4 @@
-"""A short ROSA fine-tune of a tiny Llama, run whole (one process) or under FSDP2 (torchrun).
+"""A short ROSA fine-tune of a tiny Llama: whole (one process), FSDP2 or ZeRO-3 (torchrun).
 
 Writes what the tests compare: merged full weights, losses, logits around a resample, and
 facts about optimizer state, to the path given.
@@ -15,10 +15,15 @@ from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample, ros
 from rosa_scale.engines import engine_for
 from tests.tiny import tiny_llama
 
-STEPS, EVERY, GLOBAL_BATCH, SEQ = 9, 3, 4, 16
+STEPS, EVERY, GLOBAL_BATCH, SEQ, LR = 9, 3, 4, 16, 2e-3
 
 
 def _full(t):
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.data.detach().clone()
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
@@ -27,9 +32,9 @@ def merged_state(model) -> dict[str, torch.Tensor]:
     layers = rosa_layers(model)
     out = {}
     for name, p in model.named_parameters():
-        owner = name.rsplit(".", 2)[0] if name.endswith(("base.weight", ".up", ".down")) else None
-        if owner in layers and not name.endswith("base.weight"):
+        if name.endswith((".up", ".down")) and name.rsplit(".", 1)[0] in layers:
             continue
+        owner = name.rsplit(".", 2)[0] if name.endswith("base.weight") else None
         full = _full(p).float()
         if owner in layers:
             layer = layers[owner]
@@ -39,11 +44,33 @@ def merged_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _zero3_master_facts(model, step_, batch) -> dict:
+    """After a resample the optimizer's fp32 masters must hold the new factors and zero moments,
+    so the next step moves the factors by about one learning rate from their new values."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt_params = adapter_parameters(model)
+    loss = model(input_ids=batch, labels=batch).loss
+    step_(loss)
+    resample(model, opt_params[0]._z3_optimizer)
+    new = {id(p): _full(p).float() for p in opt_params}
+    facts = {
+        "master_minus_param": max((safe_get_full_fp32_param(p) - new[id(p)]).abs().max().item() for p in opt_params),
+        "param_scale": max(new[id(p)].abs().max().item() for p in opt_params),
+        "moments_after_resample": max(safe_get_full_optimizer_state(p, k).abs().max().item()
+                                      for p in opt_params for k in ("exp_avg", "exp_avg_sq")),
+    }
+    step_(model(input_ids=batch, labels=batch).loss)
+    facts["first_step_move"] = max((_full(p).float() - new[id(p)]).abs().max().item() for p in opt_params)
+    return facts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["local", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["local", "fsdp2", "zero3"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--method", default="svd")
+    parser.add_argument("--bf16", action="store_true", help="zero3 only: bf16 params, fp32 master copies")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=300).train()
@@ -59,13 +86,35 @@ def main() -> None:
         apply_rosa(model, cfg, split=False)
         shard_model(model, param_dtype=None, reduce_dtype=None)
         resample(model, index=0)
+    elif args.mode == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")
+        rank, size = dist.get_rank(), dist.get_world_size()
+        apply_rosa(model, cfg, split=False)
+        ds_config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // size, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                     "bf16": {"enabled": args.bf16}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+        engine, opt, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                 optimizer=torch.optim.AdamW(adapter_parameters(model), lr=LR, weight_decay=0.0))
+        resample(engine, opt, index=0)  # DeepSpeed built optimizer state at init: restart it
     else:
         apply_rosa(model, cfg)
     per_rank = GLOBAL_BATCH // size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     facts = {"engine": engine_for(model).name, "world_size": size}
-    opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
+    if args.mode != "zero3":
+        opt = torch.optim.AdamW(adapter_parameters(model), lr=LR, weight_decay=0.0)
     adapters = {id(p) for p in adapter_parameters(model)}
+
+    def step_(loss):
+        if args.mode == "zero3":
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
 
     with torch.no_grad():
         facts["logits_before_resample"] = model(input_ids=ids[-1, mine]).logits
@@ -73,15 +122,13 @@ def main() -> None:
     for step in range(STEPS):
         batch = ids[step, mine]
         loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        step_(loss)
         total = loss.detach().clone()
         if size > 1:
             dist.all_reduce(total)
             total /= size
         losses.append(total.item())
-        if step == 0:
+        if step == 0 and args.mode != "zero3":
             facts["state_only_adapters"] = set(map(id, opt.state)) == adapters
             facts["state_is_sharded"] = all(type(s["exp_avg"]).__name__ == "DTensor" for s in opt.state.values())
         if (step + 1) % EVERY == 0:
@@ -91,10 +138,14 @@ def main() -> None:
             with torch.no_grad():
                 after = model(input_ids=ids[-1, mine]).logits
             facts.setdefault("resample_logit_diff", []).append((after - before).abs().max().item())
-            facts.setdefault("state_after_resample", []).append(sum(len(opt.state[p]) for p in adapter_parameters(model)))
+            if args.mode != "zero3":
+                facts.setdefault("state_after_resample", []).append(
+                    sum(len(opt.state[p]) for p in adapter_parameters(model)))
     facts["losses"] = losses
     facts["merged"] = merged_state(model)
     facts["split_index"] = model.rosa_state.split_index
+    if args.mode == "zero3":  # after the comparison above: it trains one more step
+        facts.update(_zero3_master_facts(model, step_, ids[-2, mine]))
     if rank == 0:
         torch.save(facts, args.out)
     if size > 1:

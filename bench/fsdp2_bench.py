@@ -1,0 +1,346 @@
+"""FSDP2 training-step and resample benchmark: frozen base vs PEFT LoRA vs ROSA.
+
+    torchrun --nproc_per_node N bench/fsdp2_bench.py --out FILE.json          # GPUs, Llama-3-8B shape
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/fsdp2_bench.py --device cpu --tiny --out f.json
+
+Each mode builds a fresh model with random weights (same seed on every rank), shards it with
+``fully_shard`` per decoder layer + root, and times training steps. ROSA mode also times one
+full resample per factorizer. Rank 0 writes flat JSON, rewritten after every mode, so a mode
+that fails leaves the earlier numbers (and its own ``<mode>_error`` traceback) behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # rosa_scale without an install
+
+MODES = ("frozen", "peft_lora", "rosa")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 2**30
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line; ``--tiny`` shrinks the model (and seq) for a CPU smoke check."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file written by rank 0")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--methods", default="eigh,qr,svd", help="factorizers to time in rosa mode (slowest last)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="small model and seq 64 (CPU smoke check)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2, help="micro-batch per GPU")
+    p.add_argument("--rank", type=int, default=16, help="LoRA / ROSA rank")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers = min(args.layers, 2)
+        args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 128, 256, 4, 2, 512
+        args.seq = min(args.seq, 64)
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    return args
+
+
+def init_distributed(device: str) -> torch.device:
+    """Join the torchrun group (nccl on GPUs, gloo on CPU); returns this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def all_max(values: list, dev: torch.device) -> list:
+    """Element-wise max over ranks (the slowest rank, the fullest GPU); None stays None."""
+    t = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [None if v != v else v for v in t.tolist()]
+
+
+def gib_allocated(dev: torch.device, peak: bool = False):
+    """Allocated (or peak allocated) GiB on this GPU; None on CPU."""
+    if dev.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(dev) if peak else torch.cuda.memory_allocated(dev)) / GIB
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def build_model(args, dev: torch.device):
+    """Llama-shaped causal LM with random weights, built whole on this rank's device, fixed seed."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 8192), rope_theta=500000.0, tie_word_embeddings=False,
+    )
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def mp_policy(dev: torch.device):
+    """bf16 compute / fp32 gradient reduction on GPUs; plain fp32 on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if dev.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_layers(model: torch.nn.Module, dev: torch.device) -> None:
+    """``fully_shard`` every decoder layer, then ``model`` as the root (what shard_model does)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mp_policy(dev)
+    for module in list(model.modules()):
+        if type(module).__name__ == "LlamaDecoderLayer":
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def make_batch(args, dev: torch.device) -> torch.Tensor:
+    """Random token ids (different per rank), used as inputs and labels."""
+    g = torch.Generator().manual_seed(args.seed + 1000 + dist.get_rank())
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(dev)
+
+
+def train_step(model, opt, ids: torch.Tensor) -> None:
+    """Forward with labels, backward, optimizer step (if any)."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def time_steps(model, opt, args, dev: torch.device) -> dict:
+    """Median step time over ``args.steps`` after ``args.warmup``; tokens/s per GPU and peak GiB."""
+    ids = make_batch(args, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(dev)
+        start = time.perf_counter()
+        train_step(model, opt, ids)
+        sync(dev)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    times = all_max(times, dev)
+    peak = all_max([gib_allocated(dev, peak=True)], dev)[0]
+    step = statistics.median(times)
+    return {"tok_s_per_gpu": args.batch * args.seq / step, "step_s": step, "peak_gib": peak}
+
+
+def setup_frozen(args, dev: torch.device) -> tuple:
+    """Base model only, every weight frozen. Backward still runs through every layer because a
+    forward hook on the input embedding marks its output ``requires_grad`` (what HF's
+    ``enable_input_require_grads`` does): activation gradients flow, no weight gets one."""
+    model = build_model(args, dev)
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    shard_layers(model, dev)
+    return model, None, {}
+
+
+def setup_peft_lora(args, dev: torch.device) -> tuple:
+    """PEFT LoRA on the seven projections (fp32 adapters: PEFT's default upcast), AdamW."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(args, dev)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+    model = get_peft_model(base, lora)
+    shard_layers(model.get_base_model(), dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt, {}
+
+
+def setup_rosa(args, dev: torch.device) -> tuple:
+    """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, AdamW."""
+    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
+    from rosa_scale.engines.fsdp2 import shard_model
+
+    model = build_model(args, dev)
+    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed), split=False)
+    policy = mp_policy(dev)
+    shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
+    sync(dev)
+    start = time.perf_counter()
+    resample(model, index=0)
+    sync(dev)
+    first = all_max([time.perf_counter() - start], dev)[0]
+    opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-4)
+    config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
+              for k, v in dataclasses.asdict(model.rosa_state.config).items()}
+    return model, opt, {"rosa_first_split_s_eigh": first, **config}
+
+
+def warm_factorizer(method: str, dev: torch.device) -> None:
+    """Load the factorizer's kernels (cuSOLVER handles etc.) on a small matrix, outside the timing."""
+    from rosa_scale import split
+
+    split(torch.randn(256, 512, device=dev), 8, method=method, generator=torch.Generator().manual_seed(0))
+    sync(dev)
+
+
+def time_resample(model, opt, method: str, dev: torch.device) -> dict:
+    """One full resample with ``method``: synced seconds and peak extra GiB, max over ranks."""
+    from rosa_scale import resample
+
+    warm_factorizer(method, dev)
+    model.rosa_state.config.method = method
+    dist.barrier()
+    before = gib_allocated(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync(dev)
+    start = time.perf_counter()
+    reported = resample(model, opt)
+    sync(dev)
+    secs = time.perf_counter() - start
+    extra = None if before is None else gib_allocated(dev, peak=True) - before
+    secs, reported, extra = all_max([secs, reported, extra], dev)
+    log(f"resample {method}: {secs:.2f} s (resample() says {reported:.2f} s), extra {fmt(extra)} GiB")
+    return {f"resample_s_{method}": secs, f"resample_reported_s_{method}": reported,
+            f"resample_extra_gib_{method}": extra}
+
+
+def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
+    """Fresh model for ``mode``: timed steps (then resamples, for rosa) into ``result``, saved as they come."""
+    setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa}[mode]
+    model, opt, extra = setup(args, dev)
+    result.update(extra)
+    result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = time_steps(model, opt, args, dev)
+    result.update({f"{mode}_{k}": v for k, v in stats.items()})
+    log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
+        f"peak {fmt(stats['peak_gib'])} GiB")
+    write(result, args.out)
+    if mode == "rosa" and args.methods:
+        from rosa_scale import resample
+
+        resample(model, opt)  # warm-up (config method: eigh)
+        sync(dev)
+        for method in args.methods:
+            result.update(time_resample(model, opt, method, dev))
+            extras = [result[f"resample_extra_gib_{m}"] for m in args.methods if f"resample_extra_gib_{m}" in result]
+            result["resample_extra_gib"] = None if None in extras else max(extras)
+            write(result, args.out)
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+
+def log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[fsdp2_bench] {msg}", flush=True)
+
+
+def source_id() -> dict:
+    """Which rosa_scale code ran: git HEAD (if any) and a hash of rosa_scale/**/*.py as it was."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "rosa_scale").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        head = None
+    return {"git_head": head, "rosa_scale_src_sha256": digest.hexdigest()[:16]}
+
+
+def header(args, dev: torch.device) -> dict:
+    """What was run where."""
+    import transformers
+
+    return {
+        "gpus": dist.get_world_size(), "device": dev.type, "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "seq": args.seq, "batch_per_gpu": args.batch, "rank": args.rank, "layers": args.layers,
+        "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
+        "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
+        "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
+    }
+
+
+def write(result: dict, path: str) -> None:
+    """Rank 0 writes the JSON atomically (rewritten after every figure)."""
+    if dist.get_rank() == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dev = init_distributed(args.device)
+    result = header(args, dev)
+    log(f"{result['gpus']} x {result['gpu_name']}, torch {torch.__version__}, modes {args.modes}, "
+        f"{args.layers} layers, seq {args.seq}, batch {args.batch}")
+    failed = False
+    for mode in args.modes:
+        try:
+            run_mode(mode, args, dev, result)
+        except Exception as err:  # keep the other modes' numbers; the traceback goes in the JSON
+            failed = True
+            result[f"{mode}_error"] = "".join(traceback.format_exception(err))
+            print(f"[fsdp2_bench rank {dist.get_rank()}] {mode} failed:\n{result[f'{mode}_error']}", flush=True)
+        free_memory(dev)  # outside the except block, so no traceback holds the model
+        result[f"{mode}_leftover_gib"] = all_max([gib_allocated(dev)], dev)[0]
+        write(result, args.out)
+    log(f"wrote {args.out}")
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
