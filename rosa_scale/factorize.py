@@ -60,10 +60,10 @@ def _factors_eigh(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, tor
 
     The gram matrix is formed in float64 so the small singular values keep their accuracy.
     """
-    w64 = w.double()
     tall = w.shape[0] >= w.shape[1]
-    gram = w64.T @ w64 if tall else w64 @ w64.T
+    gram = _gram64(w if tall else w.T)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
+    del gram
     order = torch.argsort(evals, descending=True)
     idx = order[idx.to(w.device)]
     s = evals[idx].clamp_min(0).sqrt()
@@ -71,11 +71,19 @@ def _factors_eigh(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, tor
     # A zero singular value has no defined partner vector; its product with W is ~0 anyway.
     inv_root = 1.0 / s.clamp_min(torch.finfo(torch.float64).tiny ** 0.25).sqrt()
     root = s.sqrt()
+    vecs, root, inv_root = vecs.to(w.dtype), root.to(w.dtype), inv_root.to(w.dtype)
     if tall:  # vecs are right singular vectors V_J
-        up, down = (w64 @ vecs) * inv_root, root[:, None] * vecs.T
-    else:  # vecs are left singular vectors U_J
-        up, down = vecs * root, inv_root[:, None] * (vecs.T @ w64)
-    return up.to(w.dtype), down.to(w.dtype)
+        return (w @ vecs) * inv_root, root[:, None] * vecs.T
+    return vecs * root, inv_root[:, None] * (vecs.T @ w)  # vecs are left singular vectors U_J
+
+
+def _gram64(w: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """``w.T @ w`` accumulated in float64 a block of rows at a time (never a float64 copy of ``w``)."""
+    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        block = w[start:start + rows].double()
+        gram.addmm_(block.T, block)
+    return gram
 
 
 def _factors_qr(w: torch.Tensor, rank: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +125,14 @@ def split(
             up, down = _factors_eigh(work, idx)
         else:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    w_fixed = work - up @ down
+    w_fixed = torch.addmm(work, up, down, alpha=-1)  # W - up @ down without a product temporary
     return w_fixed, up.contiguous(), down.contiguous()
 
 
 def merge(w_fixed: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``w_fixed + up @ down`` in fp32 (fp64 if any input is fp64), whatever the storage dtypes."""
     dtype = torch.float64 if torch.float64 in (w_fixed.dtype, up.dtype, down.dtype) else torch.float32
-    return w_fixed.to(dtype) + up.to(dtype) @ down.to(dtype)
+    return torch.addmm(w_fixed.to(dtype), up.to(dtype), down.to(dtype))
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype, *, stochastic: bool = False,

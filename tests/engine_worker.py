@@ -65,12 +65,19 @@ def _zero3_master_facts(model, step_, batch) -> dict:
     return facts
 
 
+def _to_cpu(value):
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value.cpu() if torch.is_tensor(value) else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["local", "fsdp2", "zero3"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--method", default="svd")
     parser.add_argument("--bf16", action="store_true", help="zero3 only: bf16 params, fp32 master copies")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=300).train()
@@ -78,8 +85,15 @@ def main() -> None:
     ids = torch.randint(0, 300, (STEPS + 2, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     cfg = RosaConfig(rank=4, method=args.method, seed=3)
     rank, size = 0, 1
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons across engines
+        torch.backends.cudnn.allow_tf32 = False
+        model.to("cuda")
+        ids = ids.cuda()
     if args.mode == "fsdp2":
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
         rank, size = dist.get_rank(), dist.get_world_size()
         from rosa_scale.engines.fsdp2 import shard_model
 
@@ -89,7 +103,7 @@ def main() -> None:
     elif args.mode == "zero3":
         import deepspeed
 
-        deepspeed.init_distributed("gloo")
+        deepspeed.init_distributed(backend)
         rank, size = dist.get_rank(), dist.get_world_size()
         apply_rosa(model, cfg, split=False)
         ds_config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // size, "gradient_accumulation_steps": 1,
@@ -147,7 +161,7 @@ def main() -> None:
     if args.mode == "zero3":  # after the comparison above: it trains one more step
         facts.update(_zero3_master_facts(model, step_, ids[-2, mine]))
     if rank == 0:
-        torch.save(facts, args.out)
+        torch.save(_to_cpu(facts), args.out)
     if size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..factorize import window_generator
 from ..layer import resplit_values
 from .local import world
-from .plan import plan_owners
+from .plan import owner_queues
 from .state import reset_optimizer_state
 
 
@@ -78,8 +78,7 @@ class Fsdp2Engine:
             if isinstance(module, FSDPModule):
                 module.reshard()
         size, rank = world()
-        owners = plan_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
-        queues = [[n for n in layers if owners[n] == r] for r in range(size)]
+        queues = owner_queues({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
         for step in range(max(len(q) for q in queues)):
             round_ = [(r, q[step]) for r, q in enumerate(queues) if step < len(q)]
             mine = None

@@ -29,3 +29,16 @@ def plan_loads(shapes: dict[str, tuple[int, int]], owners: dict[str, int], world
     for name, rank in owners.items():
         load[rank] += factorization_cost(*shapes[name])
     return load
+
+
+def owner_queues(shapes: dict[str, tuple[int, int]], world_size: int) -> list[list[str]]:
+    """Each rank's matrices, most expensive first.
+
+    Sharded engines work in rounds that pair the ranks' i-th matrices; sorting every queue by
+    cost pairs matrices of similar cost, so no rank idles while another factorizes a big one.
+    """
+    owners = plan_owners(shapes, world_size)
+    queues: list[list[str]] = [[] for _ in range(world_size)]
+    for name in sorted(shapes, key=lambda n: (-factorization_cost(*shapes[n]), n)):
+        queues[owners[name]].append(name)
+    return queues

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..factorize import window_generator
 from ..layer import resplit_values
 from .local import world
-from .plan import plan_owners
+from .plan import owner_queues
 
 
 def is_partitioned(model) -> bool:
@@ -34,8 +34,7 @@ class Zero3Engine:
         from deepspeed.utils import safe_set_full_fp32_param
 
         size, rank = world()
-        owners = plan_owners({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
-        queues = [[n for n in layers if owners[n] == r] for r in range(size)]
+        queues = owner_queues({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
         for step in range(max(len(q) for q in queues)):
             round_ = [(r, q[step]) for r, q in enumerate(queues) if step < len(q)]
             new = {}

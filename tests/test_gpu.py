@@ -1,0 +1,97 @@
+"""On CUDA GPUs (skipped elsewhere): factorizers on device, FSDP2 over NCCL, rosa-train with
+accelerate's FSDP2 plugin and bf16. Run on the device machine: pytest -m gpu."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rosa_scale.factorize import merge, split
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh", "qr"])
+def test_split_on_gpu_preserves_a_large_weight(method):
+    w = torch.randn(4096, 1024, device="cuda") * 0.02
+    w_fixed, up, down = split(w, 16, method=method, generator=torch.Generator().manual_seed(0))
+    assert w_fixed.is_cuda and up.is_cuda
+    torch.testing.assert_close(merge(w_fixed, up, down), w, rtol=0, atol=1e-6)
+
+
+def test_eigh_matches_svd_subspace_on_gpu():
+    w = torch.randn(2048, 1024, device="cuda", dtype=torch.float64)
+    _, up_s, down_s = split(w, 8, method="svd", generator=torch.Generator().manual_seed(1))
+    _, up_e, down_e = split(w, 8, method="eigh", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(up_e @ down_e, up_s @ down_s, rtol=0, atol=1e-8)
+
+
+def _worker(tmp_path, mode, nproc):
+    out = tmp_path / f"{mode}.pt"
+    cmd = [sys.executable, "-m", "tests.engine_worker", "--mode", mode, "--device", "cuda", "--out", str(out)]
+    if nproc:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port()), "-m"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_fsdp2_over_nccl_matches_one_gpu(tmp_path):
+    local, fsdp = _worker(tmp_path, "local", None), _worker(tmp_path, "fsdp2", 2)
+    assert fsdp["engine"] == "fsdp2" and fsdp["world_size"] == 2
+    assert fsdp["losses"] == pytest.approx(local["losses"], rel=1e-5)
+    for name, value in local["merged"].items():
+        torch.testing.assert_close(fsdp["merged"][name], value, rtol=0, atol=1e-4, msg=name)
+    assert max(fsdp["resample_logit_diff"]) < 1e-4
+
+
+def _train_args(tmp_path, out):
+    from tests.tiny import corpus, save_tiny_model_dir, write_jsonl
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", corpus(400))
+    held = write_jsonl(tmp_path / "eval.jsonl", corpus(40, seed=1))
+    return ["--model", str(model), "--dataset", str(data), "--eval-dataset", str(held), "--block-size", "32",
+            "--batch-size", "4", "--max-steps", "30", "--resample-every", "10", "--lr", "3e-2",
+            "--rosa.rank", "8", "--output-dir", str(out)]
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_rosa_train_with_accelerate_fsdp2_plugin(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed_type"] == "FSDP" and summary["engine"] == "fsdp2"
+    assert summary["num_processes"] == summary["world_size"] == 2
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["merged"])  # plain transformers loads the export
+
+
+def test_rosa_train_one_gpu_bf16(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "local" and summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
