@@ -98,3 +98,16 @@ def test_bad_method_and_sampling_are_refused():
         split(_matrix(8, 8), 2, sampling="middle")
     with pytest.raises(ValueError, match="qr"):
         split(_matrix(8, 8), 2, method="qr", sampling="top")
+
+
+def test_overwrite_reuses_the_input_storage_and_gives_the_same_split():
+    w = _matrix(40, 24)
+    expected = split(w, 4, generator=torch.Generator().manual_seed(2))
+    work = w.clone()
+    got = split(work, 4, generator=torch.Generator().manual_seed(2), overwrite=True)
+    assert got[0].data_ptr() == work.data_ptr()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    untouched = w.clone()
+    split(w, 4, generator=torch.Generator().manual_seed(2))  # default: the input is left alone
+    assert torch.equal(w, untouched)
