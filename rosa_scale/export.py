@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,29 +22,57 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
+@contextmanager
+def _gathered(tensors):
+    """Whole values of ZeRO-3 partitioned parameters inside the block (a collective); others as they are."""
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(key)
+    except AttributeError:
+        return model.get_buffer(key)
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
     """The state dict of the original architecture with ``w_fixed + up @ down`` folded in.
 
-    Returns the dict on rank 0 (or without a process group) and None elsewhere.
+    Every process must call it (FSDP2 and ZeRO-3 tensors are gathered one at a time); the
+    dict, on the CPU, is returned on rank 0 (or without a process group) and None elsewhere.
     """
     keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     layers = rosa_layers(model)
     out = {}
-    for key, value in model.state_dict().items():
+    for key in model.state_dict():
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf in ("up", "down"):
             continue
-        full = _full(value)
-        if key.endswith(".base.weight") and key[: -len(".base.weight")] in layers:
-            layer = layers[key[: -len(".base.weight")]]
-            w = merge(full.T if layer.transposed else full, _full(layer.up), _full(layer.down))
-            full = (w.T if layer.transposed else w).to(full.dtype)
-            key = key.replace(".base.weight", ".weight")
-        elif ".base." in key and key.split(".base.")[0] in layers:
-            key = key.replace(".base.", ".")
+        wrapped = key[: -len(".base.weight")] if key.endswith(".base.weight") else None
+        if wrapped in layers:
+            layer = layers[wrapped]
+            with _gathered([layer.weight_param, layer.up, layer.down]):
+                full = _full(layer.weight_param)
+                w = merge(full.T if layer.transposed else full, _full(layer.up), _full(layer.down))
+                value = (w.T if layer.transposed else w).to(full.dtype)
+            key = wrapped + ".weight"
+        else:
+            tensor = _tensor_at(model, key)
+            with _gathered([tensor]):
+                value = _full(tensor).clone()
+            if ".base." in key and key.split(".base.")[0] in layers:
+                key = key.replace(".base.", ".")
         if keep:
-            out[key] = full.to("cpu", dtype if dtype is not None and full.is_floating_point() else full.dtype)
+            cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
+            out[key] = value.to("cpu", cast)
     return out if keep else None
 
 
@@ -73,13 +102,16 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.d
     The folder is written from an empty skeleton of the original class, so no ROSA or FSDP
     wrapper leaks into it. Returns the folder on rank 0, None elsewhere.
     """
-    from transformers import AutoModelForCausalLM
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
 
     state = merged_state_dict(model, dtype)
     if state is None:
         return None
+    # The plain class, built directly: from_config would start a (collective) ZeRO-3 init here.
+    plain = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
+        skeleton = plain(model.config)
     if getattr(model, "generation_config", None) is not None:
         skeleton.generation_config = model.generation_config
     return save_hf_folder(skeleton, tokenizer, out_dir, state_dict=state)

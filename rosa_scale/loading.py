@@ -26,13 +26,23 @@ def resolve_model_path(spec: str) -> str:
     return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load(what, path: str, **kwargs):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        return what.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load model {path!r}: {first}") from None
-    return model, tokenizer
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return _load(AutoTokenizer, path)
+
+
+def load_model(path: str, dtype: str = "float32"):
+    """Every process must call this together: under DeepSpeed ZeRO-3, transformers partitions
+    the weights while loading (a collective)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype])

@@ -22,7 +22,7 @@ from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .data import DataError, build_datasets
 from .engines import engine_for
 from .export import save_merged
-from .loading import DTYPES, load_model_and_tokenizer, resolve_model_path
+from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
 from .model import adapter_parameters, apply_rosa
 from .resample import resample
@@ -97,20 +97,34 @@ def train(cfg: TrainConfig) -> dict:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              cpu=not torch.cuda.is_available())
+    # Without a GPU, accelerate runs torchrun's processes together only with cpu=True; DeepSpeed on
+    # CPUs (DS_ACCELERATOR=cpu) must take the accelerator branch instead.
+    cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # accelerate would silently train unconnected copies
+        raise ConfigError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
+                          "check the launcher and the accelerate config")
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     say = accelerator.print
-    with accelerator.main_process_first():
-        model, tokenizer = load_model_and_tokenizer(resolve_model_path(cfg.model), cfg.model_dtype)
-        train_set, eval_set = build_datasets(cfg, tokenizer)
-    model.to(accelerator.device)
-    # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) the first split is made
-    # after sharding, spread over the ranks; otherwise on the full weights right away.
     accelerate_fsdp = accelerator.distributed_type == DistributedType.FSDP
-    own_fsdp = cfg.fsdp and not accelerate_fsdp
-    apply_rosa(model, cfg.rosa, split=not (accelerate_fsdp or own_fsdp))
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and accelerator.state.deepspeed_plugin.zero_stage != 3:
+        raise ConfigError(f"DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage} is not supported: "
+                          "use stage 3 (configs/deepspeed/zero3.json), FSDP2 or DDP")
+    with accelerator.main_process_first():  # the main process builds caches, the others reuse them
+        model_path = resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(model_path)
+        train_set, eval_set = build_datasets(cfg, tokenizer)
+    model = load_model(model_path, cfg.model_dtype)
+    if not deepspeed:  # DeepSpeed places (and may already have partitioned) the weights itself
+        model.to(accelerator.device)
+    # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) and ZeRO-3 the first split
+    # is made after sharding, spread over the ranks; otherwise on the full weights right away.
+    own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
+    split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
+    apply_rosa(model, cfg.rosa, split=not split_after_prepare)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -123,7 +137,7 @@ def train(cfg: TrainConfig) -> dict:
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
     params = adapter_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch_optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
@@ -131,8 +145,8 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
     else:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    if accelerate_fsdp or own_fsdp:
-        resample(model, index=0)
+    if split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
+        resample(model, optimizer, index=0)
     engine = engine_for(accelerator.unwrap_model(model) if not own_fsdp else model).name
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
@@ -141,16 +155,16 @@ def train(cfg: TrainConfig) -> dict:
                         f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {accelerator.num_processes} processes")
     total = cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch))
     every = _resample_interval(cfg, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        getattr(optimizer, "optimizer", optimizer),
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # on the torch optimizer: DeepSpeed steps its groups
+        torch_optimizer,
         lambda s: lr_factor(s, total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                             resample_every=every, rewarm_steps=cfg.rewarm_steps))
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainable = sum(p.numel() for p in params)
-    everything = sum(p.numel() for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 params look empty
+    everything = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     say(f"rosa-train: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"engine {engine}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "

@@ -52,14 +52,17 @@ def _zero3_master_facts(model, step_, batch) -> dict:
     opt_params = adapter_parameters(model)
     loss = model(input_ids=batch, labels=batch).loss
     step_(loss)
-    resample(model, opt_params[0]._z3_optimizer)
+    zero_opt = opt_params[0]._z3_optimizer
+    resample(model, zero_opt)
     new = {id(p): _full(p).float() for p in opt_params}
+    steps = [float(zero_opt.optimizer.state[flat]["step"]) for flat in zero_opt.fp32_partitioned_groups_flat]
     facts = {
         "master_minus_param": max((safe_get_full_fp32_param(p) - new[id(p)]).abs().max().item() for p in opt_params),
         "param_scale": max(new[id(p)].abs().max().item() for p in opt_params),
         "moments_after_resample": max(safe_get_full_optimizer_state(p, k).abs().max().item()
                                       for p in opt_params for k in ("exp_avg", "exp_avg_sq")),
     }
+    facts["group_steps_after_resample"] = steps
     step_(model(input_ids=batch, labels=batch).loss)
     facts["first_step_move"] = max((_full(p).float() - new[id(p)]).abs().max().item() for p in opt_params)
     return facts

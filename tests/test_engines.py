@@ -84,6 +84,7 @@ def test_zero3_resample_updates_fp32_masters_and_zeroes_moments(tmp_path):
     bf16_step = facts["param_scale"] * 2.0 ** -8
     assert facts["master_minus_param"] <= bf16_step
     assert facts["moments_after_resample"] == 0.0
+    assert facts["group_steps_after_resample"] and set(facts["group_steps_after_resample"]) == {0.0}
     assert facts["first_step_move"] <= 2e-3 + 2 * bf16_step  # one Adam step of lr 2e-3 from fresh moments
 
 

@@ -1,4 +1,4 @@
-"""rosa-train on 2 CPU processes (gloo), DDP and FSDP2: really distributed, and equal to one process.
+"""rosa-train on 2 CPU processes (gloo), DDP, FSDP2 and ZeRO-3: really distributed, equal to one process.
 
 accelerate silently runs separate single-process jobs when misconfigured, so the test
 checks the distributed type and world size the run itself saw.
@@ -97,3 +97,47 @@ def test_shipped_accelerate_configs_load():
     configs = {p.stem: load_config_from_file(str(p)) for p in sorted(root.glob("*.yaml"))}
     assert configs["fsdp2"].distributed_type == "FSDP" and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
     assert configs["fsdp2_cpu"].use_cpu and configs["fsdp2_cpu"].num_processes == 2
+    assert configs["zero3"].distributed_type == "DEEPSPEED"
+    for name in ("zero3", "zero3_cpu"):
+        ds_file = Path(__file__).resolve().parents[1] / configs[name].deepspeed_config["deepspeed_config_file"]
+        assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 3
+
+
+def _accelerate_run(config, out, args, extra=()):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / config), *extra,
+              "--main_process_port", str(_free_port()), "-m", "tests.accelerate_cpu"]
+    return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, timeout=600, cwd=root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["configs/deepspeed/zero3.json", "configs/deepspeed/zero3_offload.json"])
+def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, single_run, tiny_model_dir, tiny_data, tmp_path):
+    """Both shipped DeepSpeed configs (16-bit gather on save on and off; offload) through accelerate."""
+    out = tmp_path / "z3"
+    proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, _args(tiny_model_dir, tiny_data, out, 2)[2:],
+                           ["--deepspeed_config_file", ds_config])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads((out / "summary.json").read_text())
+    assert seen["distributed_type"] == "DEEPSPEED" and seen["engine"] == "zero3"
+    assert seen["num_processes"] == seen["world_size"] == 2
+    one = load_file(single_run / "merged" / "model.safetensors")
+    other = load_file(out / "merged" / "model.safetensors")
+    assert one.keys() == other.keys()
+    for name in one:
+        torch.testing.assert_close(other[name], one[name], rtol=0, atol=5e-4, msg=name)
+
+
+def test_deepspeed_stage_below_3_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    stage2 = tmp_path / "zero2.json"
+    stage2.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}))
+    out = tmp_path / "z2"
+    proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, _args(tiny_model_dir, tiny_data, out, 2)[2:],
+                           ["--deepspeed_config_file", str(stage2)])
+    assert proc.returncode != 0
+    assert "rosa-train: error: DeepSpeed ZeRO stage 2 is not supported" in proc.stderr
+    assert not out.exists()
