@@ -98,6 +98,12 @@ class TrainConfig:
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.
     Launching with accelerate's FSDP2 config (configs/accelerate/fsdp2.yaml) does the same."""
+    save_every: Union[int, None] = None
+    """Save a sharded checkpoint (model, optimizer, data position, RNG) every N steps and at the end."""
+    keep_last: Union[int, None] = 2
+    """Checkpoints to keep (older ones are deleted); null keeps all."""
+    resume: Union[str, None] = None
+    """Continue from a checkpoint: 'auto' (the newest in output_dir, if any) or a path."""
     save_merged: bool = True
     """Write the merged model (plain architecture, safetensors) to <output_dir>/merged."""
     rosa: RosaConfig = field(default_factory=RosaConfig)
@@ -190,7 +196,8 @@ def _validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    for key in ("max_steps", "resample_every", "eval_every", "max_train_blocks", "max_eval_blocks"):
+    for key in ("max_steps", "resample_every", "eval_every", "max_train_blocks", "max_eval_blocks", "save_every",
+                "keep_last"):
         value = getattr(cfg, key)
         if isinstance(value, int) and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1 or null, got {value}")

@@ -24,7 +24,8 @@ from .engines import engine_for
 from .export import save_merged
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
-from .model import adapter_parameters, apply_rosa
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .model import adapter_parameters, apply_rosa, rosa_state
 from .resample import resample
 from .schedule import lr_factor
 
@@ -93,14 +94,16 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate import skip_first_batches
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     # Without a GPU, accelerate runs torchrun's processes together only with cpu=True; DeepSpeed on
     # CPUs (DS_ACCELERATOR=cpu) must take the accelerator branch instead.
     cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # accelerate would silently train unconnected copies
         raise ConfigError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
@@ -160,6 +163,15 @@ def train(cfg: TrainConfig) -> dict:
         lambda s: lr_factor(s, total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                             resample_every=every, rewarm_steps=cfg.rewarm_steps))
 
+    module = model if own_fsdp else accelerator.unwrap_model(model)
+    start_step, start_epoch, skip, resamples, eval_before = 0, 0, 0, 0, None
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, module=module, optimizer=torch_optimizer,
+                                expect={"engine": engine})
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, start_epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        resamples, eval_before = state["resamples"], state["eval_loss_before"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -172,18 +184,34 @@ def train(cfg: TrainConfig) -> dict:
         f"{total} steps, resample every {every or 'never'}")
 
     metrics = MetricsWriter(out, enabled=accelerator.is_main_process)
-    eval_before = evaluate(model, eval_loader, accelerator)
-    metrics.log(0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
-    say(f"held-out perplexity before: {math.exp(eval_before):.2f}")
+    if resume_from is None:
+        eval_before = evaluate(model, eval_loader, accelerator)
+        metrics.log(0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
+        say(f"held-out perplexity before: {math.exp(eval_before):.2f}")
+    else:
+        say(f"resumed from {resume_from} at step {start_step} (resample {rosa_state(module).split_index})")
 
-    bar = tqdm(total=total, desc="rosa-train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    step, epoch, losses, tokens, clock = 0, 0, [], 0, time.perf_counter()
-    resamples = 0
+    def checkpoint(step: int, epoch: int, batches: int) -> None:
+        if batches == len(train_loader):  # the epoch is done: resume at the next one
+            epoch, batches = epoch + 1, 0
+        save_checkpoint(out, step, model=model, module=module, optimizer=torch_optimizer, tokenizer=tokenizer,
+                        keep_last=cfg.keep_last,
+                        trainer_state={"epoch": epoch, "batches_in_epoch": batches, "resamples": resamples,
+                                       "eval_loss_before": eval_before, "scheduler": scheduler.state_dict(),
+                                       "engine": engine, "model_dtype": cfg.model_dtype, "config": to_dict(cfg)})
+
+    bar = tqdm(total=total, initial=start_step, desc="rosa-train", disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    step, epoch, losses, tokens, clock = start_step, start_epoch, [], 0, time.perf_counter()
     model.train()
     while step < total:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        for batch in train_loader:
+        batches = skip  # micro-batches of this epoch consumed so far (a resume starts mid-epoch)
+        loader = skip_first_batches(train_loader, skip) if skip else train_loader
+        skip = 0
+        for batch in loader:
+            batches += 1
             with accelerator.accumulate(model):
                 ids = batch["input_ids"]
                 loss = model(input_ids=ids, labels=ids).loss
@@ -215,6 +243,8 @@ def train(cfg: TrainConfig) -> dict:
                 clock = time.perf_counter()
             if record:
                 metrics.log(step, **record)
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                checkpoint(step, epoch, batches)
             if step >= total:
                 break
         epoch += 1
