@@ -118,3 +118,36 @@ def test_resume_errors(tiny_model_dir, tiny_data, tmp_path):
     _run(_args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 4, ["--save-every", "4"]))
     other = _args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 8, ["--resume", "auto", "--rosa.rank", "8"])
     _error(run(other), "was written for other ROSA layers or ranks")
+
+
+@pytest.mark.slow
+def test_zero3_resume_through_accelerate(tiny_model_dir, tiny_data, tmp_path):
+    """DeepSpeed's own checkpoint restores w_fixed, factors, fp32 masters and moments: bitwise here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**ENV, "DS_ACCELERATOR": "cpu"}
+
+    def launch(out, extra=()):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs/accelerate/zero3_cpu.yaml"), "--main_process_port", str(_free_port()),
+               "-m", "tests.accelerate_cpu",
+               *_args(tiny_model_dir, tiny_data, out, 2, 20, ["--save-every", "10", *extra])[2:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight)
+    state = json.loads((straight / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["format"] == "deepspeed" and state["world_size"] == 2
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-00000010", resumed / "checkpoints" / "step-00000010")
+    (resumed / "checkpoints" / "latest").write_text("step-00000010\n")
+    launch(resumed, ["--resume", "auto"])
+    a, _ = _losses(straight)
+    b, resampled = _losses(resumed)
+    assert sorted(b) == list(range(11, 21)) and resampled == {14}
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(b)], rel=1e-6, abs=1e-6)
+    x, y = load_file(straight / "merged" / "model.safetensors"), load_file(resumed / "merged" / "model.safetensors")
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=0, atol=1e-6, msg=k)
