@@ -35,12 +35,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GIB = 2**30
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Command line; ``--tiny`` shrinks the model (and seq) for a CPU smoke check."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=None, extra=None) -> argparse.Namespace:
+    """Command line; ``--tiny`` shrinks the model (and seq) for a CPU smoke check.
+
+    Other benchmarks reuse it with their own ``modes``, default ``methods`` and ``extra(parser)`` arguments.
+    """
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file written by rank 0")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--methods", default="eigh,qr,svd", help="factorizers to time in rosa mode (slowest last)")
+    p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(modes))
+    p.add_argument("--methods", default=methods, help="factorizers to time in rosa mode (slowest last)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="small model and seq 64 (CPU smoke check)")
     p.add_argument("--layers", type=int, default=32)
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.layers = min(args.layers, 2)
@@ -62,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seq = min(args.seq, 64)
     args.modes = [m for m in args.modes.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [m for m in args.modes if m not in modes]
     if bad:
-        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(modes)}")
     return args
 
 
@@ -154,8 +159,10 @@ def train_step(model, opt, ids: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def time_steps(model, opt, args, dev: torch.device) -> dict:
-    """Median step time over ``args.steps`` after ``args.warmup``; tokens/s per GPU and peak GiB."""
+def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
+    """Median step time over ``args.steps`` after ``args.warmup``; tokens/s per GPU and peak GiB.
+
+    ``step(model, opt, ids)`` is one training step (``train_step`` here; DeepSpeed passes its own)."""
     ids = make_batch(args, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -163,7 +170,7 @@ def time_steps(model, opt, args, dev: torch.device) -> dict:
     for i in range(args.warmup + args.steps):
         sync(dev)
         start = time.perf_counter()
-        train_step(model, opt, ids)
+        step(model, opt, ids)
         sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -276,9 +283,12 @@ def free_memory(dev: torch.device) -> None:
     dist.barrier()
 
 
+LOG_NAME = "fsdp2_bench"  # a benchmark importing these helpers sets its own
+
+
 def log(msg: str) -> None:
     if dist.get_rank() == 0:
-        print(f"[fsdp2_bench] {msg}", flush=True)
+        print(f"[{LOG_NAME}] {msg}", flush=True)
 
 
 def source_id() -> dict:

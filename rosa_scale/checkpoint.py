@@ -163,7 +163,8 @@ def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
 def load_checkpoint(path: Path, *, model, module, optimizer, expect: dict) -> dict:
     """Restore model, optimizer, resample counter and RNG from ``path``; returns its trainer state.
 
-    ``expect`` holds facts the checkpoint must match (e.g. the model and the ROSA layers).
+    ``expect`` holds facts the checkpoint must match (engine, world size: the data position is
+    counted per process, so an exact resume needs the same number of processes).
     """
     state = json.loads((path / "trainer_state.json").read_text())
     layers = {n: {"transposed": l.transposed, "rank": l.rank} for n, l in rosa_layers(module).items()}

@@ -168,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model, module=module, optimizer=torch_optimizer,
-                                expect={"engine": engine})
+                                expect={"engine": engine, "world_size": accelerator.num_processes})
         scheduler.load_state_dict(state["scheduler"])
         start_step, start_epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
         resamples, eval_before = state["resamples"], state["eval_loss_before"]
