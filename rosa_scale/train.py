@@ -26,6 +26,7 @@ from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .model import adapter_parameters, apply_rosa, rosa_state
+from .preemption import RESUMABLE_EXIT, PreemptionWatch
 from .resample import resample
 from .schedule import lr_factor
 
@@ -203,8 +204,9 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total, initial=start_step, desc="rosa-train", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     step, epoch, losses, tokens, clock = start_step, start_epoch, [], 0, time.perf_counter()
+    watch, preempted = PreemptionWatch(), False
     model.train()
-    while step < total:
+    while step < total and not preempted:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         batches = skip  # micro-batches of this epoch consumed so far (a resume starts mid-epoch)
@@ -243,12 +245,23 @@ def train(cfg: TrainConfig) -> dict:
                 clock = time.perf_counter()
             if record:
                 metrics.log(step, **record)
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+            stop = watch.should_stop(accelerator.device)
+            if stop or (cfg.save_every and (step % cfg.save_every == 0 or step == total)):
                 checkpoint(step, epoch, batches)
+            if stop:
+                say(f"rosa-train: stopped by a signal at step {step}; checkpoint saved in {out / 'checkpoints'}; "
+                    "relaunch with --resume auto")
+                preempted = True
+                break
             if step >= total:
                 break
         epoch += 1
     bar.close()
+    watch.close()
+    if preempted:
+        metrics.close()
+        accelerator.end_training()
+        return {"steps": step, "preempted": True}
 
     eval_after = evaluate(model, eval_loader, accelerator)
     metrics.log(step, eval_loss=eval_after, eval_ppl=math.exp(eval_after))
@@ -281,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     prog = "rosa-train"
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        if train(cfg).get("preempted"):
+            return RESUMABLE_EXIT
     except USER_ERRORS as err:
         if os.environ.get("ROSA_SCALE_DEBUG"):
             raise
