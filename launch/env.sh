@@ -31,7 +31,8 @@ rosa_report_exit() {
     0) ;;
     75) echo "$who: $what stopped on a signal after saving a checkpoint; relaunch with --resume auto" >&2 ;;
     *) echo "$who: error: $what exited with status $rc (a node that did not join within" \
-            "ROSA_JOIN_TIMEOUT=${ROSA_JOIN_TIMEOUT}s, a node or process that died, or a training error: see above)" >&2 ;;
+            "ROSA_JOIN_TIMEOUT=${ROSA_JOIN_TIMEOUT}s, a node or process that died, a training error, or a stop" \
+            "on a signal after a checkpoint: see above; --resume auto continues from the latest checkpoint)" >&2 ;;
   esac
   return "$rc"
 }

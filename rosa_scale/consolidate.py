@@ -24,7 +24,6 @@ as it was.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import struct
 import sys
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +43,6 @@ PROG = "rosa-consolidate"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_FILE = "trainer_state.json"
 MODEL_KEY = "model."  # the DCP state is {"model": model_state_dict, "optim": ...}, flattened
-_READ_BATCH_BYTES = 64 << 20  # small tensors are read together, up to this many bytes per read
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -177,7 +175,7 @@ class ZeroReader:
     resident stay bounded too.
     """
 
-    reopen_bytes = 256 << 20
+    reopen_bytes = 64 << 20
 
     def __init__(self, folder: Path, world_size: int | None):
         self.folder = folder
@@ -266,7 +264,6 @@ class ZeroReader:
             self._read_since_open += value.nbytes
         if self._read_since_open >= self.reopen_bytes:  # drop the maps and the pages they hold
             self._model_states = self._flat_groups = None
-            gc.collect()
         return out
 
 
@@ -304,18 +301,6 @@ def saved_tensors(skeleton) -> dict[str, torch.Tensor]:
     return remove_tied_weights_from_state_dict(state, skeleton)
 
 
-def _check_no_conversion(skeleton, names) -> None:
-    """transformers 5 may rename or fuse weights on load and revert that on save (e.g. MoE experts)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # an older transformers: no conversions
-        return
-    probe = {n: torch.empty(0, device="meta") for n in names}
-    if list(revert_weight_conversion(skeleton, probe)) != list(names):
-        raise ConsolidateError(f"{type(skeleton).__name__} stores weights under other names than transformers saves "
-                               "them (a load-time weight conversion); rosa-consolidate does not support it yet")
-
-
 def _fp32_patterns(skeleton, dtype: torch.dtype):
     """Parameters ``from_pretrained`` keeps in fp32 at this dtype (``_keep_in_fp32_modules``): written in fp32."""
     try:
@@ -327,19 +312,28 @@ def _fp32_patterns(skeleton, dtype: torch.dtype):
         return None
 
 
+class Spec(typing.NamedTuple):
+    """A tensor as written: name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.shape, self.dtype)
+
+
 @dataclass
 class Item:
-    """One tensor of the output: where it comes from and how it is written."""
+    """One tensor of the plain model: where it comes from and what is written for it."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     sources: tuple[str, ...]  # one tensor, or a ROSA layer's (base.weight, up, down)
     transposed: bool = False  # a Conv1D weight: stored (in, out), the factors are (out x r), (r x in)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.shape, self.dtype)
+    outputs: list[Spec] = field(default_factory=list)  # itself, unless transformers converts it on saving
 
 
 def _rank(info, up) -> int | None:
@@ -349,68 +343,117 @@ def _rank(info, up) -> int | None:
     return up[0][1] if up is not None and len(up[0]) == 2 else None
 
 
+def tied_copies(skeleton, tensors: dict) -> list[tuple[str, str]]:
+    """(alias, written name) of every tied tensor the checkpoint also stores under its alias."""
+    written = saved_tensors(skeleton)
+    names: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    pairs = []
+    for group in names.values():
+        kept = [n for n in group if n in written]
+        pairs += [(n, kept[0]) for n in group if kept and n not in written and n in tensors]
+    return pairs
+
+
+def check_ties(skeleton, reader) -> None:
+    """A weight the config ties must be stored equal to the one written (else the run trained them apart)."""
+    for alias, name in tied_copies(skeleton, reader.tensors):
+        values = reader.read([alias, name])
+        if not torch.equal(values[alias], values[name]):
+            raise ConsolidateError(f"checkpoint does not match its model config ({type(skeleton).__name__}): "
+                                   f"{alias} differs from {name}, which the config ties it to")
+
+
+def _mismatch(skeleton, groups: dict[str, list[str]]) -> None:
+    """One line naming up to 3 examples of each kind of disagreement with the model config."""
+    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for what, names in groups.items() if names]
+    if parts:
+        raise ConsolidateError(f"checkpoint does not match its model config ({type(skeleton).__name__}): "
+                               + "; ".join(parts))
+
+
 def plan_items(skeleton, trainer_state: dict, tensors: dict, shared: dict, out_dtype: torch.dtype) -> list[Item]:
-    """The output tensors in ``save_pretrained`` order; checks the checkpoint against the architecture.
+    """The output tensors in the architecture's order; checks the checkpoint against the architecture.
 
     ``tensors`` maps the checkpoint's model tensor names to (shape, dtype); ``shared`` maps
     names stored only as aliases of another tensor (tied weights, DeepSpeed) to that tensor.
     """
     modules = dict(skeleton.named_modules())
     rosa = trainer_state.get("rosa_layers") or {}
-    problems = []
-    for name, info in rosa.items():
-        if name not in modules or not is_linear(modules[name]):
-            problems.append(f"ROSA layer {name!r} is not a linear layer of {type(skeleton).__name__}")
-        elif isinstance(info, dict) and "transposed" in info and bool(info["transposed"]) != \
-                (not isinstance(modules[name], torch.nn.Linear)):
-            problems.append(f"ROSA layer {name!r} is recorded with transposed={info['transposed']}, "
-                            f"but the config's layer is a {type(modules[name]).__name__}")
-    if problems:
-        raise ConsolidateError("checkpoint does not match its model config: " + "; ".join(problems))
+    conv1d = {n for n in rosa if n in modules and is_linear(modules[n]) and not isinstance(modules[n], torch.nn.Linear)}
+    _mismatch(skeleton, {
+        "ROSA layers that are not linear layers of the model": [n for n in rosa if n not in modules
+                                                               or not is_linear(modules[n])],
+        "ROSA layers recorded with the wrong layout": [n for n, info in rosa.items() if isinstance(info, dict)
+                                                      and "transposed" in info and n in modules
+                                                      and bool(info["transposed"]) != (n in conv1d)]})
 
     every = skeleton.state_dict()  # tied aliases included: the checkpoint may hold them too
     written = saved_tensors(skeleton)
-    _check_no_conversion(skeleton, list(written))
     fp32 = _fp32_patterns(skeleton, out_dtype)
-    expected: dict[str, tuple] = {}  # checkpoint name -> shape wanted
+    expected: dict[str, tuple] = {}  # checkpoint name -> the shape the config gives it
     items, optional = [], set()
     for key, meta in every.items():
         owner, _, leaf = key.rpartition(".")
-        shape = tuple(meta.shape)
         if owner in rosa:
             sources = (f"{owner}.base.{leaf}",)
-            expected[sources[0]] = shape
             if leaf == "weight":
                 out_f, in_f = linear_shape(modules[owner])
                 rank = _rank(rosa[owner], tensors.get(owner + ".up"))
-                expected[owner + ".up"], expected[owner + ".down"] = (out_f, rank), (rank, in_f)
                 sources += (owner + ".up", owner + ".down")
+                expected[owner + ".up"], expected[owner + ".down"] = (out_f, rank), (rank, in_f)
         else:
             sources = (key,)
-            expected[key] = shape
-        if key not in written:
+        expected[sources[0]] = tuple(meta.shape)
+        if key not in written:  # a tied alias: not written, and the checkpoint need not hold it
             optional.update(sources)
             continue
         stored = tensors.get(sources[0]) or tensors.get(shared.get(sources[0], ""))
-        floating = meta.is_floating_point() if stored is None else stored[1].is_floating_point
-        dtype = (torch.float32 if fp32 is not None and fp32.search(key) else out_dtype) if floating else \
-            (stored[1] if stored else meta.dtype)
-        items.append(Item(key, shape, dtype, sources, transposed=len(sources) == 3 and
-                          not isinstance(modules[owner], torch.nn.Linear)))
+        dtype = stored[1] if stored else meta.dtype
+        if dtype.is_floating_point:
+            dtype = torch.float32 if fp32 is not None and fp32.search(key) else out_dtype
+        items.append(Item(key, tuple(meta.shape), dtype, sources, transposed=owner in conv1d and leaf == "weight"))
 
-    missing = [n for n in expected if n not in optional and n not in tensors and shared.get(n) not in tensors]
-    wrong = [f"{n} is {tuple(tensors[n][0])}, the config wants {want}" for n, want in expected.items()
-             if n in tensors and tuple(tensors[n][0]) != tuple(want)]
-    unexpected = [n for n in tensors if n not in expected]
-    if missing or wrong or unexpected:
-        def some(names, what):
-            return f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-        parts = ([some(missing, "tensors missing")] if missing else []) + \
-                ([some(wrong, "shapes differ")] if wrong else []) + \
-                ([some(unexpected, "tensors not in the model")] if unexpected else [])
-        raise ConsolidateError(f"checkpoint does not match its model config ({type(skeleton).__name__}): "
-                               + "; ".join(parts))
+    _mismatch(skeleton, {
+        "tensors missing": [n for n in expected if n not in optional and n not in tensors
+                            and shared.get(n) not in tensors],
+        "shapes differ": [f"{n} is {tuple(tensors[n][0])}, the config wants {want}" for n, want in expected.items()
+                          if n in tensors and tuple(tensors[n][0]) != tuple(want)],
+        "tensors not in the model": [n for n in tensors if n not in expected]})
     return items
+
+
+def plan_outputs(skeleton, items: list[Item]):
+    """Fill each item's ``outputs``: what ``save_pretrained`` writes for it after reverting
+    transformers' load-time weight conversions (renamed keys; fused MoE experts written back per
+    expert). Returns ``convert(name, tensor) -> {name: tensor}``, which does that to one tensor.
+    A model whose conversion needs several tensors at once (it could not stream) is refused.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without weight conversions
+        revert_weight_conversion = None
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return revert_weight_conversion(skeleton, {name: tensor}) if revert_weight_conversion else {name: tensor}
+
+    meta = {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in items}
+    problem = None
+    try:
+        for item in items:
+            item.outputs = [Spec(k, tuple(v.shape), v.dtype) for k, v in convert(item.name, meta[item.name]).items()]
+        if revert_weight_conversion:
+            whole = {k: tuple(v.shape) for k, v in revert_weight_conversion(skeleton, dict(meta)).items()}
+            if whole != {o.name: o.shape for i in items for o in i.outputs}:
+                problem = "it converts several tensors together"
+    except Exception as err:  # a converter missing its other tensors raises anything
+        problem = _first_line(err)
+    if problem:
+        raise ConsolidateError(f"{type(skeleton).__name__}: transformers converts its weights when saving them in a "
+                               f"way rosa-consolidate cannot do one tensor at a time ({problem})")
+    return convert
 
 
 # --------------------------------------------------------------------------- writing
@@ -419,7 +462,7 @@ class SafetensorsWriter:
     """One safetensors file written tensor by tensor: its header comes from the plan, so no tensor
     is kept once written (``safetensors.torch.save_file`` needs the whole shard in memory)."""
 
-    def __init__(self, path: Path, items: list[Item], metadata: dict[str, str]):
+    def __init__(self, path: Path, items: list[Spec], metadata: dict[str, str]):
         header: dict[str, typing.Any] = {"__metadata__": metadata}
         offset = 0
         for item in items:
@@ -442,6 +485,10 @@ class SafetensorsWriter:
         if value.numel():
             self._file.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
     def close(self) -> None:
         if self._pending:
             raise AssertionError(f"{self.path.name}: {len(self._pending)} tensors were never written")
@@ -463,57 +510,48 @@ def merged_value(item: Item, values: dict[str, torch.Tensor]) -> torch.Tensor:
     return (merged.T if item.transposed else merged).to(item.dtype).contiguous()
 
 
-def _batches(items: list[Item], reader) -> typing.Iterator[list[Item]]:
-    """Consecutive items read together while their sources stay under _READ_BATCH_BYTES."""
-    batch, size = [], 0
-    for item in items:
-        cost = sum(_nbytes(*reader.tensors[reader_name(reader, s)]) for s in item.sources)
-        if batch and size + cost > _READ_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += cost
-    if batch:
-        yield batch
-
-
 def reader_name(reader, name: str) -> str:
     """The name a tensor is stored under (a tied alias may be stored as its source only)."""
     return name if name in reader.tensors else reader.shared[name]
 
 
-def _write_shards(tmp: Path, items: list[Item], reader, max_shard_size, total_parameters: int, progress: bool) -> dict:
+def _write_shards(tmp: Path, items: list[Item], reader, convert, max_shard_size, total_parameters: int,
+                  progress: bool) -> dict:
+    """Every item read, merged, converted and appended to its shard; shards planned as transformers plans them."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    by_name = {item.name: item for item in items}
+    specs = {o.name: o for item in items for o in item.outputs}
     split = split_torch_state_dict_into_shards(
-        {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in items},
+        {s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs.values()},
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    writers: dict[str, SafetensorsWriter] = {}  # open shards (a tensor above max_shard_size gets its own)
     bar = tqdm(total=len(items), desc=PROG, unit="tensor", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
-        for filename, names in split.filename_to_tensors.items():
-            shard = [by_name[n] for n in names]
-            writer = SafetensorsWriter(tmp / filename, shard, {"format": "pt"})
-            try:
-                for batch in _batches(shard, reader):
-                    values = reader.read(sorted({reader_name(reader, s) for i in batch for s in i.sources}))
-                    for item in batch:
-                        sources = {s: values[reader_name(reader, s)] for s in item.sources}
-                        writer.write(item.name, merged_value(item, sources))
-                        bar.update(1)
-                    del values
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        for item in items:  # one output tensor's sources in memory at a time
+            values = reader.read([reader_name(reader, s) for s in item.sources])
+            value = merged_value(item, {s: values[reader_name(reader, s)] for s in item.sources})
+            del values
+            for name, tensor in convert(item.name, value).items():
+                file = split.tensor_to_filename[name]
+                if file not in writers:
+                    writers[file] = SafetensorsWriter(tmp / file, [specs[n] for n in split.filename_to_tensors[file]],
+                                                      {"format": "pt"})
+                writers[file].write(name, tensor)
+                if writers[file].done:
+                    writers.pop(file).close()
+            bar.update(1)
+        if writers:
+            raise AssertionError(f"shards left incomplete: {sorted(writers)}")
     finally:
         bar.close()
+        for writer in writers.values():
+            writer.abort()
     if split.is_sharded:
         index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
                  "weight_map": split.tensor_to_filename}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return {"shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"]}
+    return {"tensors": len(specs), "shards": len(split.filename_to_tensors), "bytes": split.metadata["total_size"]}
 
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -557,6 +595,8 @@ def consolidate(ckpt: str | Path, out: str | Path, dtype: str = "auto", max_shar
     else:
         reader = ZeroReader(folder / "deepspeed" / "state", trainer_state.get("world_size"))
     items = plan_items(skeleton, trainer_state, reader.tensors, reader.shared, out_dtype)
+    convert = plan_outputs(skeleton, items)
+    check_ties(skeleton, reader)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -564,7 +604,7 @@ def consolidate(ckpt: str | Path, out: str | Path, dtype: str = "auto", max_shar
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        summary = _write_shards(tmp, items, reader, max_shard_size, skeleton.num_parameters(), progress)
+        summary = _write_shards(tmp, items, reader, convert, max_shard_size, skeleton.num_parameters(), progress)
         _copy_model_files(folder / "model", tmp, config, skeleton, dtype)
         _check_out(out, force)  # nothing appeared there meanwhile
         if out.exists() or out.is_symlink():
@@ -576,7 +616,7 @@ def consolidate(ckpt: str | Path, out: str | Path, dtype: str = "auto", max_shar
             shutil.rmtree(old, ignore_errors=True)
         elif old.exists() or old.is_symlink():
             old.unlink()
-    return {"checkpoint": str(folder), "out": str(out), "tensors": len(items), "dtype": dtype,
+    return {"checkpoint": str(folder), "out": str(out), "dtype": dtype,
             "step": trainer_state.get("step"), **summary}
 
 
@@ -612,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a DeepSpeed checkpoint needs no device
     try:
         summary = consolidate(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                               force=args.force, progress=args.progress)

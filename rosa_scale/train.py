@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import typing
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -96,15 +97,18 @@ def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
     from accelerate import Accelerator
     from accelerate import skip_first_batches
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     # Without a GPU, accelerate runs torchrun's processes together only with cpu=True; DeepSpeed on
     # CPUs (DS_ACCELERATOR=cpu) must take the accelerator branch instead.
     cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
+    # A collective that waits longer than ROSA_DIST_TIMEOUT seconds (a dead node) ends the run.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("ROSA_DIST_TIMEOUT", "1800"))))
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              kwargs_handlers=[timeout])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # accelerate would silently train unconnected copies
         raise ConfigError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "

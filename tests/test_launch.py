@@ -1,0 +1,138 @@
+"""The launchers on one host: two "nodes" of one CPU process each (gloo), a missing node, a
+signal, a killed node. Each run asserts the world size it really had."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "GPUS_PER_NODE": "0"}
+pytestmark = pytest.mark.slow
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(model_dir, data, out, steps=12, extra=()):
+    return ["--model", str(model_dir), "--dataset", str(data["train"]), "--eval-dataset", str(data["eval"]),
+            "--block-size", "32", "--batch-size", "2", "--max-steps", str(steps), "--resample-every", "5",
+            "--lr", "1e-2", "--rosa.rank", "4", "--max-train-blocks", "128", "--max-eval-blocks", "8",
+            "--output-dir", str(out), *extra]
+
+
+def _node(rank, port, args, **env):
+    env = {**ENV, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env}
+    return subprocess.Popen([str(ROOT / "launch" / "multinode.sh"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _two_nodes(args, **env):
+    port = _port()
+    first = _node(0, port, args, **env)
+    time.sleep(2)  # node 0 hosts the rendezvous on this shared host
+    second = _node(1, port, args, **env)
+    return first, second
+
+
+def _wait_for(predicate, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _steps_logged(out):
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
+
+
+def test_two_nodes_equal_one_node(tiny_model_dir, tiny_data, tmp_path):
+    nodes = _two_nodes(_train_args(tiny_model_dir, tiny_data, tmp_path / "two-nodes"))
+    for proc in nodes:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    seen = json.loads((tmp_path / "two-nodes" / "summary.json").read_text())
+    assert seen["world_size"] == seen["num_processes"] == 2 and seen["engine"] == "fsdp2"
+
+    one_node = subprocess.run([str(ROOT / "launch" / "torchrun.sh"),
+                               *_train_args(tiny_model_dir, tiny_data, tmp_path / "one-node", extra=["--fsdp", "true"])],
+                              cwd=ROOT, env={**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(_port())},
+                              capture_output=True, text=True, timeout=300)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    a = load_file(tmp_path / "two-nodes" / "merged" / "model.safetensors")
+    b = load_file(tmp_path / "one-node" / "merged" / "model.safetensors")
+    assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def test_missing_node_fails_within_the_join_timeout(tiny_model_dir, tiny_data, tmp_path):
+    start = time.time()
+    proc = _node(0, _port(), _train_args(tiny_model_dir, tiny_data, tmp_path / "alone"), ROSA_JOIN_TIMEOUT="5")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 90
+    assert err.strip().splitlines()[-1].startswith("multinode.sh: error: node 0 of 2 exited with status")
+
+
+def _workers(proc):
+    """The training processes under a launcher (torchrun's agent excluded)."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in tree if "rosa_scale.train" in " ".join(p.cmdline()) and "-u" in p.cmdline()]
+
+
+def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "signalled"
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=200, extra=["--fsdp", "true", "--resume", "auto"])
+    env = {**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(_port())}
+    proc = subprocess.Popen([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert _wait_for(lambda: _steps_logged(out) >= 3, 120)
+    workers = _workers(proc)
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    latest = out / "checkpoints" / "latest"
+    assert latest.exists(), err[-3000:]
+    stopped = int(latest.read_text().split("-")[1])
+    assert 3 <= stopped < 200 and not (out / "merged").exists()
+    assert f"stopped by a signal at step {stopped}" in stdout and proc.returncode != 0
+
+    env["MASTER_PORT"] = str(_port())
+    again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {stopped}" in again.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 200
+
+
+def test_killed_node_stops_the_survivor_and_both_resume(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "killed"
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=200, extra=["--save-every", "5", "--resume", "auto"])
+    first, second = _two_nodes(args, ROSA_DIST_TIMEOUT="20")
+    assert _wait_for(lambda: (out / "checkpoints" / "latest").exists(), 180)
+    node1 = psutil.Process(second.pid)
+    for proc in [node1, *node1.children(recursive=True)]:  # node 1 dies: launcher, agent, training process
+        proc.kill()
+    start = time.time()
+    _, err = first.communicate(timeout=120)
+    assert first.returncode != 0 and time.time() - start < 90, err[-2000:]  # ROSA_DIST_TIMEOUT=20 s
+    second.communicate()
+
+    again = _two_nodes(args)
+    for proc in again:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 200
