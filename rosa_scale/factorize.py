@@ -58,12 +58,14 @@ def _factors_svd(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
 def _factors_eigh(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular triplets from the eigen-decomposition of the smaller gram matrix (fast on GPUs).
 
-    The gram matrix is formed in float64 so the small singular values keep their accuracy.
+    Exactness does not depend on it: ``w_fixed`` is formed by subtraction whatever the factors.
     """
     tall = w.shape[0] >= w.shape[1]
-    gram = _gram64(w if tall else w.T)
+    # Summed in float64; decomposed in the input's precision (fp32 halves the eigensolver's memory).
+    gram = _gram64(w if tall else w.T).to(w.dtype)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     del gram
+    evals, evecs = evals.double(), evecs.double()
     order = torch.argsort(evals, descending=True)
     idx = order[idx.to(w.device)]
     s = evals[idx].clamp_min(0).sqrt()

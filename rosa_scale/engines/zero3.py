@@ -31,37 +31,51 @@ class Zero3Engine:
     @torch.no_grad()
     def resplit(self, model, layers, index: int, config) -> None:
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         size, rank = world()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         queues = owner_queues({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
         for step in range(max(len(q) for q in queues)):
             round_ = [(r, q[step]) for r, q in enumerate(queues) if step < len(q)]
-            new = {}
-            for owner, name in round_:  # gather each matrix; its owner computes the new split in fp32
+            mine = None
+            for owner, name in round_:  # gather the round's matrices; each rank keeps the one it owns
                 layer = layers[name]
-                params = [layer.weight_param, layer.up, layer.down]
-                with deepspeed.zero.GatheredParameters(params):
-                    if owner == rank:
-                        w, up, down = (p.data for p in params)
-                        new[name] = resplit_values(w, up.float(), down.float(), transposed=layer.transposed,
-                                                   rank=layer.rank, config=config,
-                                                   generator=window_generator(config.seed, index, name))
+                with deepspeed.zero.GatheredParameters([layer.weight_param]):
+                    w = layer.weight_param.data.clone() if owner == rank else None
+                # the factors as the optimizer holds them (fp32 masters), else as the forward sees them
+                factors = []
+                for p in (layer.up, layer.down):
+                    if hasattr(p, "_z3_optimizer"):
+                        factors.append(safe_get_full_fp32_param(p))
+                    else:
+                        with deepspeed.zero.GatheredParameters([p]):
+                            factors.append(p.data.float().clone())
+                if owner == rank:
+                    mine = (name, w, *factors)
+                del w, factors
+            new = None
+            if mine is not None:  # every owner factorizes at the same time
+                name, w, up, down = mine
+                layer = layers[name]
+                new = resplit_values(w, up, down, transposed=layer.transposed, rank=layer.rank, config=config,
+                                     generator=window_generator(config.seed, index, name))
+                del mine, w, up, down
             for owner, name in round_:
                 layer = layers[name]
                 params = [layer.weight_param, layer.up, layer.down]
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=owner):
                     if owner == rank:
-                        for p, value in zip(params, new[name]):
+                        for p, value in zip(params, new):
                             p.data.copy_(value)
                 for i, p in enumerate((layer.up, layer.down)):
                     if not hasattr(p, "_z3_optimizer"):  # no optimizer yet: no master copy to update
                         continue
-                    value = new[name][1 + i] if owner == rank else \
-                        torch.empty(p.ds_shape, dtype=torch.float32, device=p.ds_tensor.device)
+                    value = new[1 + i].to(device) if owner == rank else \
+                        torch.empty(p.ds_shape, dtype=torch.float32, device=device)
                     dist.broadcast(value, src=owner)  # the API wants the same full value on every rank
                     safe_set_full_fp32_param(p, value)
-            new.clear()
+            del new
 
     def reset_optimizer_state(self, optimizer, params) -> None:
         """Zero the Adam moments of ``params`` in DeepSpeed's fp32 partitions, and restart the step
