@@ -4,22 +4,24 @@
 
 CKPT is a checkpoint folder (``<output_dir>/checkpoints/step-00000120``), a ``checkpoints/``
 folder or a run's output_dir (both mean the checkpoint named in ``checkpoints/latest``),
-written by any engine: a ``torch.distributed.checkpoint`` folder (``state/``, 1 or N ranks) or
-a DeepSpeed ZeRO-3 checkpoint (``deepspeed/state/``). OUT becomes an ordinary Hugging Face
-folder that ``AutoModelForCausalLM.from_pretrained(OUT)`` loads without rosa_scale: the
-original architecture's tensor names and shapes, every ROSA layer merged
-(``w_fixed + up @ down`` in fp32, back in the layer's own layout), tied weights left out as
-``save_pretrained`` leaves them, shards named and indexed as transformers names them.
+written by any engine: a ``torch.distributed.checkpoint`` folder (``state/``, from 1 or N ranks)
+or DeepSpeed ZeRO-3's own checkpoint (``deepspeed/state/``). OUT becomes the folder the plain
+model's ``save_pretrained`` would write, which ``AutoModelForCausalLM.from_pretrained(OUT)``
+loads without rosa_scale: the original tensor names and shapes, every ROSA layer merged
+(``w_fixed + up @ down`` in fp32, back in the layer's own layout, then cast), tied weights left
+out, weights transformers converts on loading converted back (e.g. MoE experts written per
+expert), shards named and indexed as transformers names them, config/generation
+config/tokenizer from the checkpoint's ``model/``.
 
-Memory stays bounded whatever the model size, on one CPU machine, without a process group:
-the shard layout is planned up front from the checkpoint's metadata (names, shapes, dtypes), so
-each shard file's header is written first and every tensor is appended as soon as it is merged.
-Only the sources of one output tensor (a ROSA layer's ``base.weight``, ``up`` and ``down``
-together) plus its merged value are in memory at a time; neither a shard nor the model ever is.
+Memory stays bounded whatever the model or shard size, on one CPU machine, without a process
+group: the shard layout is planned up front from the checkpoint's metadata (names, shapes,
+dtypes), so each shard file's header is written first and every tensor is appended as soon as it
+is merged. Only the sources of one output tensor (a ROSA layer's ``base.weight``, ``up`` and
+``down`` together) and its merged value are in memory at a time, never a shard or the model.
 
-Everything goes to a hidden sibling folder of OUT that is renamed into place at the end: on
-any error nothing is left at OUT, and an existing OUT (replaced only with ``--force``) stays
-as it was.
+Everything goes to a hidden sibling folder of OUT that is renamed into place at the end: on any
+error nothing is left at OUT, and an existing OUT (replaced only with ``--force``) stays as it
+was. Bad input gets one line ``rosa-consolidate: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ConsolidateError(f"checkpoint not found: {path}")
     if not path.is_dir():
-        raise ConsolidateError(f"{path} is not a folder (give a checkpoint folder, a checkpoints/ folder or a run's output_dir)")
+        raise ConsolidateError(f"{path} is not a folder (give a checkpoint folder, a checkpoints/ folder "
+                               "or a run's output_dir)")
     if any((path / part).exists() for part in (STATE_FILE, "state", "deepspeed", "model")):
         return path
     for folder in (path, path / "checkpoints"):
@@ -224,7 +227,8 @@ class ZeroReader:
         try:
             return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
         except Exception as err:
-            raise ConsolidateError(f"checkpoint incomplete or corrupt: cannot read {file}: {_first_line(err)}") from None
+            raise ConsolidateError(f"checkpoint incomplete or corrupt: cannot read {file}: "
+                                   f"{_first_line(err)}") from None
 
     def _open(self) -> None:
         self._model_states = [self._load(f) for f in self.model_files]
@@ -234,7 +238,8 @@ class ZeroReader:
             stage, count = state.get(ZERO_STAGE), state.get(PARTITION_COUNT)
             count = max(count) if isinstance(count, list) else count
             if stage != 3:
-                raise ConsolidateError(f"{file} is a ZeRO stage {stage} checkpoint; only ZeRO-3 checkpoints are supported")
+                raise ConsolidateError(f"{file} is a ZeRO stage {stage} checkpoint; only ZeRO-3 checkpoints "
+                                       "are supported")
             if count != self.world_size:
                 raise ConsolidateError(f"checkpoint incomplete: {file} was written by one of {count} ranks, "
                                        f"{self.world_size} rank files are present")
@@ -381,7 +386,10 @@ def plan_items(skeleton, trainer_state: dict, tensors: dict, shared: dict, out_d
     names stored only as aliases of another tensor (tied weights, DeepSpeed) to that tensor.
     """
     modules = dict(skeleton.named_modules())
-    rosa = trainer_state.get("rosa_layers") or {}
+    rosa = trainer_state.get("rosa_layers")
+    if rosa is None:  # not recorded: every layer stored as base.weight + up + down
+        rosa = {n[:-len(".base.weight")]: {} for n in tensors if n.endswith(".base.weight")
+                and n[:-len(".base.weight")] + ".up" in tensors}
     conv1d = {n for n in rosa if n in modules and is_linear(modules[n]) and not isinstance(modules[n], torch.nn.Linear)}
     _mismatch(skeleton, {
         "ROSA layers that are not linear layers of the model": [n for n in rosa if n not in modules
@@ -637,15 +645,18 @@ def _shard_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = _Parser(prog=PROG, description="Merge a ROSA training checkpoint into one plain Hugging Face model "
+                                            "folder (safetensors), streaming tensor by tensor.")
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="a checkpoint folder, a checkpoints/ folder or a run's output_dir (then checkpoints/latest)")
+                        help="a checkpoint folder, a checkpoints/ folder or a run's output_dir "
+                             "(then checkpoints/latest)")
     parser.add_argument("out", metavar="OUT", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="dtype of the written floating-point tensors; auto: the run's model_dtype [default: auto]")
-    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", metavar="SIZE",
                         help="largest safetensors file (a bigger single tensor gets its own) [default: 5GB]")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it exists (only once the new one is complete)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

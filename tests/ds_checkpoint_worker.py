@@ -57,8 +57,14 @@ def fsdp2_checkpoint(run: Path, tokenizer, ids: torch.Tensor) -> None:
 
 
 def zero3_checkpoint(run: Path, tokenizer, ids: torch.Tensor) -> None:
+    import importlib
+
     import deepspeed
 
+    # DeepSpeed would compile (~30 s) a shared-memory all-reduce op for CPU ranks; its gloo fallback
+    # (what it uses where the op cannot build) is all a checkpoint needs. (The attribute
+    # deepspeed.comm.torch is the torch package itself, hence import_module.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     model = tiny_llama(len(tokenizer), seed=1, tie_word_embeddings=True).train()

@@ -231,6 +231,17 @@ def test_auto_dtype_is_the_runs_model_dtype(llama_run, tmp_path):
     assert {v.dtype for v in _tensors(tmp_path / "merged").values()} == {torch.bfloat16}
 
 
+def test_rosa_layers_found_from_the_tensors_when_not_recorded(llama_run, tmp_path):
+    ckpt = tmp_path / "step-00000003"
+    shutil.copytree(llama_run["ckpt"], ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["rosa_layers"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert _consolidate(ckpt, tmp_path / "merged") == 0
+    written = _tensors(tmp_path / "merged")
+    assert all(torch.equal(written[k], v) for k, v in llama_run["merged"].items())
+
+
 def test_rosa_train_checkpoint_equals_its_merged_export(tiny_model_dir, tiny_data, tmp_path):
     """A real rosa-train run: its last checkpoint consolidates to exactly the merged model it exported."""
     import rosa_scale.train as train_mod
@@ -358,7 +369,7 @@ _PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], st
 
 
 def _peak_rss_mb(*args) -> float:
-    """Peak RSS (MB) of the installed rosa-consolidate script, measured by a parent that runs only it."""
+    """Peak RSS (MiB) of the installed rosa-consolidate script, measured by a parent that runs only it."""
     script = Path(sys.executable).parent / "rosa-consolidate"
     proc = subprocess.run([sys.executable, "-c", _PEAK, str(script), *map(str, args), "--no-progress"],
                           capture_output=True, text=True, env=ENV, timeout=300)
@@ -368,15 +379,15 @@ def _peak_rss_mb(*args) -> float:
 
 @pytest.mark.slow
 def test_peak_memory_stays_far_below_the_model(llama_run, tmp_path):
-    """A 106M-parameter Llama (425 MB in fp32, written as one 425 MB shard): the peak RSS must stay under
+    """A 106M-parameter Llama (410 MiB in fp32, written as one 406 MiB shard): the peak RSS must stay under
 
-        baseline + 4 x largest matrix + 64 MB,
+        baseline + 4 x largest matrix + 64 MiB,
 
     where baseline is the same script's peak on the tiny checkpoint (interpreter, torch,
-    transformers: ~350 MB here) and the largest matrix is the 8000 x 1024 fp32 embedding (33 MB).
+    transformers: ~350 MiB here) and the largest matrix is the 8000 x 1024 fp32 embedding (31 MiB).
     Reading a tensor costs up to 3 copies of it (DCP's read buffer, its unpickled copy, the target);
     the output shard is never held (its tensors are appended as they are merged). Loading the
-    model whole would need the baseline + 425 MB.
+    model whole would need the baseline + 406 MiB. Measured: baseline + ~75 MiB.
     """
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=7,
@@ -400,8 +411,8 @@ def test_peak_memory_stays_far_below_the_model(llama_run, tmp_path):
     baseline = _peak_rss_mb(llama_run["ckpt"], tmp_path / "tiny-out")
     peak = _peak_rss_mb(tmp_path / "big", tmp_path / "big-out")
     bound = baseline + 4 * largest_mb + 64
-    print(f"\nmodel {model_mb:.0f} MB fp32, largest matrix {largest_mb:.0f} MB; peak RSS {peak:.0f} MB, "
-          f"baseline {baseline:.0f} MB (+{peak - baseline:.0f} MB), bound {bound:.0f} MB")
+    print(f"\nmodel {model_mb:.0f} MiB fp32, largest matrix {largest_mb:.0f} MiB; peak RSS {peak:.0f} MiB, "
+          f"baseline {baseline:.0f} MiB (+{peak - baseline:.0f} MiB), bound {bound:.0f} MiB")
     assert model_mb > 400
     assert peak < bound, (peak, baseline, bound)
     with safe_open(tmp_path / "big-out" / "model.safetensors", "pt") as f:
