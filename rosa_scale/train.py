@@ -182,8 +182,12 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 params look empty
     everything = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    say(f"rosa-train: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
-        f"engine {engine}; "
+    nodes = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    memory = (f", {torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30:.0f} GiB per GPU"
+              if accelerator.device.type == "cuda" else "")
+    say(f"rosa-train: {accelerator.distributed_type.value}, {accelerator.num_processes} processes on {nodes} node(s), "
+        f"engine {engine}, rank 0 on {accelerator.device}{memory}; weights {cfg.model_dtype}, compute "
+        f"{cfg.mixed_precision if cfg.mixed_precision != 'no' else cfg.model_dtype}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
         f"{total} steps, resample every {every or 'never'}")
