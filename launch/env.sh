@@ -11,6 +11,7 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # NVLink SHARP off unless asked 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 export PYTHONUNBUFFERED=1
+export PYTHON=${PYTHON:-python3}  # the interpreter that has rosa_scale (e.g. a virtualenv's)
 # SIGUSR1 asks rosa-train to checkpoint and stop. Launchers and torchrun's agent ignore it (the
 # default would kill them); rosa-train installs its own handler in each training process.
 trap '' USR1
@@ -18,7 +19,7 @@ trap '' USR1
 # Number of GPUs on this node (0 on a CPU-only node), unless GPUS_PER_NODE is set.
 rosa_gpus_per_node() {
   if [ -n "${GPUS_PER_NODE:-}" ]; then echo "$GPUS_PER_NODE"; return; fi
-  python3 - <<'PY' 2>/dev/null || echo 0
+  "$PYTHON" - <<'PY' 2>/dev/null || echo 0
 import torch
 print(torch.cuda.device_count())
 PY

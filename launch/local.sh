@@ -9,7 +9,7 @@ source "$here/env.sh"
 gpus=$(rosa_gpus_per_node)
 NPROC=${NPROC:-$(( gpus > 0 ? gpus : 1 ))}
 if [ "$NPROC" -le 1 ]; then
-  rc=0; python3 -m rosa_scale.train "$@" || rc=$?
+  rc=0; "$PYTHON" -m rosa_scale.train "$@" || rc=$?
   rosa_report_exit local.sh "$rc" "rosa-train"
   exit
 fi

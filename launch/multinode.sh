@@ -25,7 +25,7 @@ case "$ENGINE:$gpus" in
   *) die "ENGINE must be fsdp2, zero3 or ddp, not '$ENGINE'" ;;
 esac
 rc=0
-python3 -m accelerate.commands.launch "${engine_args[@]}" \
+"$PYTHON" -m accelerate.commands.launch "${engine_args[@]}" \
   --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes $(( NNODES * per_node )) \
   --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
   --rdzv_backend c10d --rdzv_conf "join_timeout=$ROSA_JOIN_TIMEOUT" --max_restarts 0 \

@@ -10,7 +10,7 @@ gpus=$(rosa_gpus_per_node)
 nproc=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 NNODES=${NNODES:-1}
 rc=0
-python3 -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
+"$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --rdzv_conf "join_timeout=$ROSA_JOIN_TIMEOUT" --max_restarts 0 \
   -m rosa_scale.train "$@" || rc=$?

@@ -93,6 +93,19 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     return steps_per_epoch if cfg.resample_every == "epoch" else cfg.resample_every
 
 
+def _make_decoder_layers_zero3_leaves(model) -> None:
+    """ZeRO-3 fetches a whole decoder layer at once instead of hooking each of its modules (measured
+    1.8x faster on a Llama-3-8B shape). A leaf layer's weights are fetched again in backward only
+    when its input requires grad, so the embedding output is made to require it."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
+    if classes:
+        set_z3_leaf_modules(model, classes)
+        model.enable_input_require_grads()
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
     from accelerate import Accelerator
@@ -133,6 +146,8 @@ def train(cfg: TrainConfig) -> dict:
     own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
+    if deepspeed and cfg.zero3_leaf_layers:
+        _make_decoder_layers_zero3_leaves(model)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
