@@ -7,6 +7,7 @@ Python's standard-library documentation. Every config key is also a command-line
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -16,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
@@ -170,7 +172,8 @@ def train(cfg: TrainConfig) -> dict:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     if split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
         resample(model, optimizer, index=0)
-    engine = engine_for(accelerator.unwrap_model(model) if not own_fsdp else model).name
+    module = model if own_fsdp else accelerator.unwrap_model(model)  # the plain model, for ROSA and saving
+    engine = engine_for(module).name
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -183,7 +186,6 @@ def train(cfg: TrainConfig) -> dict:
         lambda s: lr_factor(s, total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                             resample_every=every, rewarm_steps=cfg.rewarm_steps))
 
-    module = model if own_fsdp else accelerator.unwrap_model(model)
     start_step, start_epoch, skip, resamples, eval_before = 0, 0, 0, 0, None
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
     if resume_from is not None:
@@ -294,15 +296,11 @@ def train(cfg: TrainConfig) -> dict:
                "eval_ppl_before": math.exp(eval_before), "eval_ppl_after": math.exp(eval_after), "merged": None}
     if cfg.save_merged:
         accelerator.wait_for_everyone()
-        folder = save_merged(model if own_fsdp else accelerator.unwrap_model(model), tokenizer, out / "merged",
-                             DTYPES[cfg.model_dtype])
+        folder = save_merged(module, tokenizer, out / "merged", DTYPES[cfg.model_dtype])
         if folder is not None:
             summary["merged"] = str(folder)
             say(f"merged model (the original architecture, loadable with plain transformers): {folder}")
     if accelerator.is_main_process:
-        import json
-        import torch.distributed as dist
-
         summary.update(distributed_type=accelerator.distributed_type.value, engine=engine,
                        num_processes=accelerator.num_processes,
                        world_size=dist.get_world_size() if dist.is_initialized() else 1)
