@@ -95,3 +95,30 @@ def test_rosa_train_one_gpu_bf16(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "local" and summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
+    """configs/accelerate/zero3.yaml on 2 GPUs (bf16, leaf decoder layers), then an exact resume from its
+    step-10 checkpoint."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    def launch(out, extra=()):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+               "--main_process_port", str(_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out),
+               "--mixed-precision", "bf16", "--save-every", "10", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads((out / "summary.json").read_text())
+
+    straight = launch(tmp_path / "straight")
+    assert straight["distributed_type"] == "DEEPSPEED" and straight["engine"] == "zero3"
+    assert straight["eval_loss_after"] < straight["eval_loss_before"] - 0.5
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000010", resumed_dir / "step-00000010")
+    (resumed_dir / "latest").write_text("step-00000010\n")
+    resumed = launch(tmp_path / "resumed", ["--resume", "auto"])
+    assert resumed["eval_loss_after"] == pytest.approx(straight["eval_loss_after"], rel=1e-3)
