@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .engines.local import world
 from .model import rosa_layers, rosa_state
 
 FOLDER = "checkpoints"
@@ -31,7 +32,7 @@ class CheckpointError(ValueError):
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return world()[1]
 
 
 def _barrier() -> None:
@@ -97,7 +98,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, module, optimiz
     layers = rosa_layers(module)
     state = {
         **trainer_state, "step": step, "split_index": rosa_state(module).split_index,
-        "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+        "world_size": world()[0],
         "rosa_layers": {n: {"transposed": l.transposed, "rank": l.rank} for n, l in layers.items()},
     }
     if _is_deepspeed(model):

@@ -9,7 +9,6 @@ atomically; bad input gets one error line, exit 2 and nothing written.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from rosa_scale.checkpoint import save_checkpoint
 from rosa_scale.consolidate import main
 from rosa_scale.export import merged_state_dict
 from tests.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
+from tests.ports import free_port
 
 ERROR = "rosa-consolidate: error:"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
@@ -90,12 +90,6 @@ def _assert_error(capsys, args, fragment, out: Path):
     assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.iterdir())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def multi_rank_runs(tmp_path_factory):
     """FSDP2 (DCP from 2 ranks) and DeepSpeed ZeRO-3 checkpoints from one 2-process launch (~10 s)."""
     out = tmp_path_factory.mktemp("multi-rank")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tests.ds_checkpoint_worker", "--out", str(out)]
+           "--master_port", str(free_port()), "-m", "tests.ds_checkpoint_worker", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {kind: {"root": out / kind, **torch.load(out / kind / "reference.pt")} for kind in ("fsdp2", "zero3")}

@@ -5,7 +5,6 @@ agree on losses and merged weights, keep the function across each resample, and 
 optimizer state for the factors only, reset at each resample.
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,12 +12,7 @@ import pytest
 import torch
 
 from rosa_scale.engines.plan import factorization_cost, plan_loads, plan_owners
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _run(out, mode, nproc=None, extra=()):
@@ -26,7 +20,7 @@ def _run(out, mode, nproc=None, extra=()):
     cmd = [sys.executable, "-m", "tests.engine_worker", "--mode", mode, "--out", str(out), *extra]
     if nproc:
         cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                    "--master_port", str(_free_port()), "-m"]
+                    "--master_port", str(free_port()), "-m"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)

@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from rosa_scale.factorize import merge, split
+from tests.ports import free_port
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["svd", "eigh", "qr"])
@@ -44,7 +37,7 @@ def _worker(tmp_path, mode, nproc):
     out = tmp_path / f"{mode}.pt"
     cmd = [sys.executable, "-m", "tests.engine_worker", "--mode", mode, "--device", "cuda", "--out", str(out)]
     if nproc:
-        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port()), "-m"]
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -76,7 +69,7 @@ def test_rosa_train_with_accelerate_fsdp2_plugin(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out)]
+           "--main_process_port", str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -107,7 +100,7 @@ def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
     def launch(out, extra=()):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
-               "--main_process_port", str(_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out),
+               "--main_process_port", str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out),
                "--mixed-precision", "bf16", "--save-every", "10", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]

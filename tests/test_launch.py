@@ -3,7 +3,6 @@ signal, a killed node. Each run asserts the world size it really had."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 from safetensors.torch import load_file
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "GPUS_PER_NODE": "0", "PYTHON": sys.executable}
 pytestmark = pytest.mark.slow
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_args(model_dir, data, out, steps=12, extra=()):
@@ -38,7 +32,7 @@ def _node(rank, port, args, **env):
 
 
 def _two_nodes(args, **env):
-    port = _port()
+    port = free_port()
     first = _node(0, port, args, **env)
     time.sleep(2)  # node 0 hosts the rendezvous on this shared host
     second = _node(1, port, args, **env)
@@ -71,7 +65,7 @@ def test_two_nodes_equal_one_node(tiny_model_dir, tiny_data, tmp_path):
 
     one_node = subprocess.run([str(ROOT / "launch" / "torchrun.sh"),
                                *_train_args(tiny_model_dir, tiny_data, tmp_path / "one-node", extra=["--fsdp", "true"])],
-                              cwd=ROOT, env={**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(_port())},
+                              cwd=ROOT, env={**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
                               capture_output=True, text=True, timeout=300)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     a = load_file(tmp_path / "two-nodes" / "merged" / "model.safetensors")
@@ -81,7 +75,7 @@ def test_two_nodes_equal_one_node(tiny_model_dir, tiny_data, tmp_path):
 
 def test_missing_node_fails_within_the_join_timeout(tiny_model_dir, tiny_data, tmp_path):
     start = time.time()
-    proc = _node(0, _port(), _train_args(tiny_model_dir, tiny_data, tmp_path / "alone"), ROSA_JOIN_TIMEOUT="5")
+    proc = _node(0, free_port(), _train_args(tiny_model_dir, tiny_data, tmp_path / "alone"), ROSA_JOIN_TIMEOUT="5")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - start < 90
     assert err.strip().splitlines()[-1].startswith("multinode.sh: error: node 0 of 2 exited with status")
@@ -96,7 +90,7 @@ def _workers(proc):
 def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "signalled"
     args = _train_args(tiny_model_dir, tiny_data, out, steps=200, extra=["--fsdp", "true", "--resume", "auto"])
-    env = {**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(_port())}
+    env = {**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     assert _wait_for(lambda: _steps_logged(out) >= 3, 120)
@@ -111,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     assert 3 <= stopped < 200 and not (out / "merged").exists()
     assert f"stopped by a signal at step {stopped}" in stdout and proc.returncode != 0
 
-    env["MASTER_PORT"] = str(_port())
+    env["MASTER_PORT"] = str(free_port())
     again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.ports import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model_dir, data, out, batch_size, steps, extra=()):
@@ -75,7 +69,7 @@ def test_two_process_fsdp2_killed_and_resumed(tiny_model_dir, tiny_data, tmp_pat
 
     def launch(out, extra=()):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), *_args(tiny_model_dir, tiny_data, out, 2, steps,
+                "--master_port", str(free_port()), *_args(tiny_model_dir, tiny_data, out, 2, steps,
                                                            ["--fsdp", "true", "--save-every", "10", *extra])]
 
     subprocess.run(launch(straight), check=True, capture_output=True, env=ENV, timeout=600)
@@ -130,7 +124,7 @@ def test_zero3_resume_through_accelerate(tiny_model_dir, tiny_data, tmp_path):
 
     def launch(out, extra=()):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(root / "configs/accelerate/zero3_cpu.yaml"), "--main_process_port", str(_free_port()),
+               str(root / "configs/accelerate/zero3_cpu.yaml"), "--main_process_port", str(free_port()),
                "-m", "tests.accelerate_cpu",
                *_args(tiny_model_dir, tiny_data, out, 2, 20, ["--save-every", "10", *extra])[2:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)

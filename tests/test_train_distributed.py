@@ -5,19 +5,13 @@ checks the distributed type and world size the run itself saw.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def _args(model_dir, data, out, batch_size):
@@ -43,7 +37,7 @@ def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
 def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_dir, tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     two = subprocess.run([*launch, *_args(tiny_model_dir, tiny_data, tmp_path / "two", 2), *extra],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -72,7 +66,7 @@ def test_accelerate_launch_with_the_cpu_config_really_shards(tiny_model_dir, tin
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2_cpu.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-              "--main_process_port", str(_free_port()), "-m", "rosa_scale.train"]
+              "--main_process_port", str(free_port()), "-m", "rosa_scale.train"]
     args = _args(tiny_model_dir, tiny_data, tmp_path / "acc", 2)[2:]
     proc = subprocess.run([*launch, *args, "--max-steps", "4", "--fsdp", "true"], capture_output=True,
                           text=True, env=env, timeout=600)
@@ -109,7 +103,7 @@ def _accelerate_run(config, out, args, extra=()):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / config), *extra,
-              "--main_process_port", str(_free_port()), "-m", "tests.accelerate_cpu"]
+              "--main_process_port", str(free_port()), "-m", "tests.accelerate_cpu"]
     return subprocess.run([*launch, *args], capture_output=True, text=True, env=env, timeout=600, cwd=root)
 
 
