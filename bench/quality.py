@@ -1,0 +1,293 @@
+"""Quality study: ROSA against PEFT LoRA and full fine-tuning of SmolLM2-135M-Instruct on real text.
+
+Every run trains on the same token budget (``--steps`` x ``--batch`` x ``--seq``), with AdamW,
+bf16 autocast, cosine decay after a warmup, gradient clipping at 1.0, and evaluates on the
+validation split during training and on the test split at the end. Learning rates come from a
+sweep scored on validation loss only; the test split never chooses anything.
+
+Phases: ``sweep`` (every method and rank over its learning-rate grid, seed 0), then ``final``
+(two more seeds for the headline row, and the ROSA ablations at ROSA r=16's best rate; needs the
+sweep's results). Runs go to a pool of worker processes sharing the GPUs (small models leave a
+GPU mostly idle with one process); each finished run is one JSON file in ``--runs``, so a phase
+can be stopped and started again and only missing runs are done. ``--budget-s`` stops handing
+out runs that would not finish in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+ROSA_DEFAULTS = {"factorizer": "svd", "sampling": "random", "resample_every": 100, "reset_optimizer": True,
+                 "rewarm_steps": 0, "model_dtype": "float32", "fixed_dtype": "model"}
+LR_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "rosa": [3e-4, 1e-3, 3e-3]}
+METHODS = [("full", None), ("lora", 4), ("lora", 16), ("lora", 64), ("rosa", 4), ("rosa", 16), ("rosa", 64)]
+CORPORA = ("austen", "stdlib")
+HEADLINE = [("full", None), ("lora", 16), ("rosa", 16)]
+ABLATIONS = [{"factorizer": "eigh"}, {"factorizer": "qr"},
+             {"sampling": "random-subset"}, {"sampling": "top"}, {"sampling": "bottom"},
+             {"resample_every": 25}, {"resample_every": 50}, {"resample_every": 200}, {"resample_every": "epoch"},
+             {"resample_every": None}, {"reset_optimizer": False}, {"rewarm_steps": 25},
+             {"model_dtype": "bfloat16"}, {"model_dtype": "bfloat16", "fixed_dtype": "float32"}]
+
+
+def run_id(spec: dict) -> str:
+    """A file-name-safe name that says what the run is: corpus, method, rank, lr, seed, ablation."""
+    head = spec["method"] + (f"-r{spec['rank']}" if spec.get("rank") else "")
+    parts = [spec["corpus"], head, f"lr{spec['lr']:g}", f"s{spec['seed']}"]
+    parts += [f"{k}={v}" for k, v in sorted(spec.get("ablation", {}).items())]
+    return "_".join(parts).replace("/", "-")
+
+
+# ---------------------------------------------------------------- one run (in a worker process)
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _blocks(stream, seq: int):
+    n = (len(stream) - 1) // seq
+    return stream[: n * seq].view(n, seq).long()
+
+
+def _evaluate(model, blocks, batch: int) -> float:
+    """Mean next-token loss over every predicted token of ``blocks``."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    device = _device()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        for i in range(0, len(blocks), batch):
+            ids = blocks[i:i + batch].to(device, non_blocking=True)
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _build(spec: dict, model_dir: str):
+    """The model for ``spec`` on the GPU, and the parameters the optimizer trains."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    opts = {**ROSA_DEFAULTS, **spec.get("ablation", {})}
+    dtype = getattr(torch, opts["model_dtype"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(_device())
+    model.config.use_cache = False
+    torch.manual_seed(spec["seed"])
+    if spec["method"] == "full":
+        return model, [p for p in model.parameters() if p.requires_grad]
+    if spec["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+        return model, [p for p in model.parameters() if p.requires_grad]
+    if spec["method"] == "rosa":
+        from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
+
+        cfg = RosaConfig(rank=spec["rank"], method=opts["factorizer"], sampling=opts["sampling"],
+                         fixed_dtype=opts["fixed_dtype"], seed=spec["seed"])
+        apply_rosa(model, cfg)
+        return model, adapter_parameters(model)
+    if spec["method"] == "base":
+        return model, []
+    raise ValueError(f"unknown method {spec['method']!r}")
+
+
+def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: int, batch: int, seq: int,
+              eval_every: int, warmup: int) -> dict:
+    """Train one spec, write ``<out_dir>/<run_id>.json`` atomically, and return it."""
+    import torch
+
+    from rosa_scale import resample
+    from rosa_scale.schedule import lr_factor
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    splits = torch.load(data_path)[spec["corpus"]]
+    train, val, test = (_blocks(splits[k], seq) for k in ("train", "validation", "test"))
+    opts = {**ROSA_DEFAULTS, **spec.get("ablation", {})}
+    steps_per_epoch = len(train) // batch
+    every = opts["resample_every"]
+    every = steps_per_epoch if every == "epoch" else every
+    device = _device()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, params = _build(spec, model_dir)
+    result = {"id": run_id(spec), "spec": spec, "options": opts, "steps": steps, "batch": batch, "seq": seq,
+              "tokens": steps * batch * seq, "steps_per_epoch": steps_per_epoch,
+              "trainable_params": sum(p.numel() for p in params), "curve": [], "resample_s": 0.0, "resamples": 0}
+    result["curve"].append((0, _evaluate(model, val, 32)))
+    if spec["method"] != "base":
+        opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+        order = torch.Generator().manual_seed(spec["seed"])
+        perm, pos, losses = torch.randperm(len(train), generator=order), 0, []
+        train_start = time.perf_counter()
+        for step in range(steps):
+            if spec["method"] == "rosa" and every and step and step % every == 0:
+                result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None)
+                result["resamples"] += 1
+            if pos + batch > len(perm):
+                perm, pos = torch.randperm(len(train), generator=order), 0
+            ids = train[perm[pos:pos + batch]].to(device, non_blocking=True)
+            pos += batch
+            factor = lr_factor(step, total_steps=steps, warmup_steps=warmup, schedule="cosine",
+                               resample_every=every if spec["method"] == "rosa" else None,
+                               rewarm_steps=opts["rewarm_steps"] if spec["method"] == "rosa" else 0)
+            for group in opt.param_groups:
+                group["lr"] = spec["lr"] * factor
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                result["curve"].append((step + 1, _evaluate(model, val, 32)))
+        result["train_s"] = time.perf_counter() - train_start
+        result["train_loss_last50"] = torch.stack(losses[-50:]).float().mean().item()
+        result["tok_s"] = result["tokens"] / result["train_s"]
+    result["val_loss"] = result["curve"][-1][1]
+    result["test_loss"] = _evaluate(model, test, 32)
+    result["test_ppl"] = math.exp(result["test_loss"])
+    result["val_ppl"] = math.exp(result["val_loss"])
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    result["wall_s"] = time.perf_counter() - started
+    result["finite"] = all(math.isfinite(v) for _, v in result["curve"]) and math.isfinite(result["test_loss"])
+    path = Path(out_dir) / f"{result['id']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.rename(path)
+    return result
+
+
+# ---------------------------------------------------------------- phases (driver)
+
+def sweep_specs() -> list[dict]:
+    specs = [{"corpus": c, "method": "base", "rank": None, "lr": 0.0, "seed": 0} for c in CORPORA]
+    for corpus in CORPORA:
+        for method, rank in METHODS:
+            specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": 0} for lr in LR_GRID[method]]
+    return specs
+
+
+def load_results(runs: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
+
+
+def best_lr(results: dict[str, dict], corpus: str, method: str, rank) -> float | None:
+    """The sweep's rate with the lowest final validation loss (seed 0, default options)."""
+    cands = [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == method
+             and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0 and not r["spec"].get("ablation")
+             and r["finite"]]
+    return min(cands, key=lambda r: r["val_loss"])["spec"]["lr"] if cands else None
+
+
+def final_specs(results: dict[str, dict]) -> list[dict]:
+    specs = []
+    for corpus in CORPORA:
+        for method, rank in HEADLINE:
+            lr = best_lr(results, corpus, method, rank)
+            if lr is not None:
+                specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": s} for s in (1, 2)]
+    lr = best_lr(results, "austen", "rosa", 16)
+    if lr is not None:
+        specs += [{"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": 0, "ablation": a}
+                  for a in ABLATIONS]
+    return specs
+
+
+def drive(specs: list[dict], args, deadline: float) -> None:
+    """Hand runs to ``--workers`` processes per GPU until done or out of budget."""
+    import torch
+
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in specs if not (runs / f"{run_id(s)}.json").exists()]
+    gpus = max(1, torch.cuda.device_count())
+    slots = args.workers * gpus
+    print(f"{len(todo)} runs to do ({len(specs) - len(todo)} done), {slots} workers on {gpus} GPUs", flush=True)
+    longest = 0.0
+    pending = {}
+    free = list(range(slots))
+    pools = [ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_pin, initargs=(i % gpus,))
+             for i in range(slots)]
+    try:
+        while todo or pending:
+            while todo and free and time.monotonic() + 1.2 * longest < deadline:
+                slot, spec = free.pop(), todo.pop(0)
+                fut = pools[slot].submit(train_one, spec, args.data, args.model, str(runs), args.steps, args.batch,
+                                         args.seq, args.eval_every, args.warmup)
+                pending[fut] = (slot, spec, time.monotonic())
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                slot, spec, t0 = pending.pop(fut)
+                free.append(slot)
+                longest = max(longest, time.monotonic() - t0)
+                try:
+                    r = fut.result()
+                    print(f"{r['id']}: val {r['val_loss']:.4f} test ppl {r['test_ppl']:.3f} "
+                          f"{r.get('tok_s', 0):.0f} tok/s {r['wall_s']:.0f} s", flush=True)
+                except Exception as err:  # one failed run must not stop the study; it is reported
+                    print(f"FAILED {run_id(spec)}: {type(err).__name__}: {err}", flush=True)
+        if todo:
+            print(f"budget reached: {len(todo)} runs left for a later call", flush=True)
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pin(gpu: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(gpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=["sweep", "final", "all", "list"])
+    parser.add_argument("--data", required=True, help="token file from bench/quality_data.py")
+    parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct Hugging Face folder")
+    parser.add_argument("--runs", required=True, help="folder of per-run JSON results")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=6, help="worker processes per GPU")
+    parser.add_argument("--budget-s", type=float, default=540)
+    parser.add_argument("--only", default=None, help="run only specs whose id contains one of these comma-separated texts")
+    args = parser.parse_args()
+    specs = sweep_specs() if args.phase in ("sweep", "all", "list") else []
+    if args.phase in ("final", "list"):
+        specs += final_specs(load_results(Path(args.runs)))
+    if args.only:
+        specs = [s for s in specs if any(part in run_id(s) for part in args.only.split(","))]
+    if args.phase == "list":
+        print("\n".join(run_id(s) for s in specs))
+        return
+    deadline = time.monotonic() + args.budget_s
+    drive(specs, args, deadline)
+    if args.phase == "all":  # the final phase needs the sweep's best rates
+        drive(final_specs(load_results(Path(args.runs))), args, deadline)
+
+
+if __name__ == "__main__":
+    main()

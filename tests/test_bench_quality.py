@@ -1,0 +1,86 @@
+"""The quality study's driver on a tiny Llama: every method trains, is scored, and resumes by file."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import quality  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    tiny_llama(vocab_size=300).save_pretrained(tmp / "model")
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(0, 300, (64,), generator=g, dtype=torch.int32)
+
+    def stream(n):  # learnable: a repeated pattern with some noise
+        s = pattern.repeat(n // 64 + 1)[:n].clone()
+        noise = torch.rand(n, generator=g) < 0.1
+        s[noise] = torch.randint(0, 300, (int(noise.sum()),), generator=g, dtype=torch.int32)
+        return s
+
+    splits = {"train": stream(4096), "validation": stream(512), "test": stream(512)}
+    torch.save({"austen": splits, "stdlib": splits}, tmp / "data.pt")
+    return tmp
+
+
+def _train(setup, spec, steps=12):
+    return quality.train_one(spec, str(setup / "data.pt"), str(setup / "model"), str(setup), steps=steps,
+                             batch=4, seq=32, eval_every=6, warmup=2)
+
+
+@pytest.mark.parametrize("method,rank,lr", [("full", None, 1e-3), ("lora", 4, 1e-2), ("rosa", 4, 1e-2)])
+def test_every_method_trains_and_is_scored(setup, method, rank, lr):
+    spec = {"corpus": "austen", "method": method, "rank": rank, "lr": lr, "seed": 0,
+            "ablation": {"resample_every": 5}}
+    r = _train(setup, spec)
+    assert r["finite"] and [s for s, _ in r["curve"]] == [0, 6, 12]
+    assert r["curve"][-1][1] < r["curve"][0][1] - 0.1  # it learned the pattern
+    assert math.isclose(r["test_ppl"], math.exp(r["test_loss"]))
+    assert r["tokens"] == 12 * 4 * 32
+    saved = json.loads((setup / f"{quality.run_id(spec)}.json").read_text())
+    assert saved["val_loss"] == r["val_loss"]
+    if method == "rosa":
+        assert r["resamples"] == 2  # steps 5 and 10
+        assert r["trainable_params"] == sum(4 * (o + i) for o, i in _shapes())
+    if method == "lora":
+        assert r["trainable_params"] == sum(4 * (o + i) for o, i in _shapes())  # same budget as ROSA
+
+
+def _shapes():
+    model = tiny_llama(vocab_size=300)
+    return [(m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+
+
+def test_best_lr_uses_validation_and_final_phase_follows_it():
+    def result(lr, val, test):
+        spec = {"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": 0}
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "test_loss": test, "finite": True}
+
+    results = dict([result(1e-3, 2.0, 9.0), result(3e-3, 1.5, 9.5), result(3e-4, 2.5, 1.0)])
+    assert quality.best_lr(results, "austen", "rosa", 16) == 3e-3  # validation decides, never test
+    finals = quality.final_specs(results)
+    assert {s["lr"] for s in finals} == {3e-3}
+    assert len([s for s in finals if "ablation" in s]) == len(quality.ABLATIONS)
+
+
+def test_driver_skips_finished_runs(setup, tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "sweep", "--data", str(setup / "data.pt"),
+           "--model", str(setup / "model"), "--runs", str(runs), "--steps", "2", "--batch", "2", "--seq", "16",
+           "--eval-every", "2", "--warmup", "0", "--workers", "1", "--only", "austen_base"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "1 runs to do" in first.stdout and (runs / "austen_base_lr0_s0.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "0 runs to do (1 done)" in again.stdout
