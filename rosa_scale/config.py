@@ -84,7 +84,11 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 5
     rewarm_steps: int = 0
-    """After each resample, ramp the learning rate up again over this many steps (0: none)."""
+    """After each resample, ramp the learning rate up again over this many steps (0: none). Needed
+    when the optimizer's step does not restart with the factors' zeroed moments (DeepSpeed ZeRO-3,
+    factors sharing an optimizer param group with other trainable parameters): then updates
+    overshoot up to 6.6x, and about 1/(1-beta2) steps (1000 for AdamW), with resample_every above
+    it, keep them <= ~1.3x the rate. rosa-train's optimizer holds the factors alone (exact restart)."""
     resample_every: Union[int, Literal["epoch"], None] = 16
     """Optimizer steps between resamples, 'epoch', or null for never."""
     reset_optimizer: bool = True

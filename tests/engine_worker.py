@@ -68,6 +68,95 @@ def _zero3_master_facts(model, step_, batch) -> dict:
     return facts
 
 
+LONG_RUN = 10_000  # Adam's step after a long run: its bias corrections are then exactly 1
+REWARM_LR = 1e-5  # small, so the fixed batch's gradient stays nearly constant for the whole window
+
+
+def _rewarm_variant(layout: str, rewarm: int, beta2: float, batch) -> dict:
+    """ZeRO-3 with the final norm trainable besides the factors, in the factors' optimizer param group
+    (``same-group``) or its own (``own-group``). A resample after LONG_RUN steps zeroes the factors'
+    Adam moments; whether their bias correction restarts too depends on DeepSpeed's step, kept per
+    flat sub-group. Records the steps, and per update after the resample the median and max over the
+    factors' fp32 master elements of |delta| / REWARM_LR (a fresh Adam on a constant gradient: 1)."""
+    import deepspeed
+
+    from rosa_scale.schedule import lr_factor
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    model = tiny_llama(vocab_size=300).train()
+    model.config.use_cache = False
+    apply_rosa(model, RosaConfig(rank=4, seed=3), split=False)
+    norm = model.model.norm.weight.requires_grad_(True)
+    factors = adapter_parameters(model)
+    groups = [{"params": factors}, {"params": [norm]}] if layout == "own-group" else [{"params": [*factors, norm]}]
+    # own-group also spreads the factors over several DeepSpeed sub-groups: each keeps its own step
+    zero = {"stage": 3, **({"sub_group_size": 1000} if layout == "own-group" else {})}
+    ds_config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // size, "gradient_accumulation_steps": 1,
+                 "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+                 "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    inner = torch.optim.AdamW(groups, lr=REWARM_LR, betas=(0.9, beta2), weight_decay=0.0)
+    engine, zero_opt, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=inner)
+    resample(engine, zero_opt, index=0)
+
+    def step_(lr):
+        for g in inner.param_groups:
+            g["lr"] = lr
+        engine.backward(engine(input_ids=batch, labels=batch).loss)
+        engine.step()
+
+    for _ in range(2):  # moments to reset
+        step_(REWARM_LR)
+    for flat in zero_opt.fp32_partitioned_groups_flat:  # fixture: as if LONG_RUN steps had passed
+        inner.state[flat]["step"].fill_(LONG_RUN)
+    resample(engine, zero_opt)
+    ids = {id(p) for p in factors}
+    sub_groups = [{"factors": all(id(q) in ids for q in sub), "step": float(inner.state[flat]["step"])}
+                  for sub, flat in zip(zero_opt.fp16_groups, zero_opt.fp32_partitioned_groups_flat)]
+    slices = [(*zero_opt.grad_position[zero_opt.get_param_id(p)], p.ds_numel) for p in factors]
+
+    def masters():  # this rank's fp32 master elements of the factors; NaN for the partition padding
+        parts = []
+        for i, offset, n, numel in slices:
+            part = zero_opt.fp32_partitioned_groups_flat[i].narrow(0, offset, n).clone()
+            part[max(0, min(n, numel - rank * n)):] = float("nan")
+            parts.append(part)
+        return torch.cat(parts)
+
+    scale = masters().nan_to_num().abs().max()
+    dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+    median, largest, factors_used = [], [], []
+    for k in range(rewarm + 15):  # past the re-warmup: the stale bias correction costs most at its end
+        f = lr_factor(LONG_RUN + k, total_steps=10 * LONG_RUN, warmup_steps=0, schedule="constant",
+                      resample_every=LONG_RUN, rewarm_steps=rewarm)
+        before = masters()
+        step_(REWARM_LR * f)
+        move = (masters() - before).abs() / REWARM_LR
+        everyone = [torch.empty_like(move) for _ in range(size)]
+        dist.all_gather(everyone, move)
+        move = torch.cat(everyone)
+        move = move[~move.isnan()]
+        median.append(move.median().item())
+        largest.append(move.max().item())
+        factors_used.append(f)
+    engine.destroy()
+    return {"sub_groups": sub_groups, "master_scale": scale.item(), "median_update_over_lr": median, "max_update_over_lr": largest,
+            "lr_factor": factors_used}
+
+
+def rewarm_experiment(variants: list[str]) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    batch = torch.randint(0, 300, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    batch = batch[rank * (GLOBAL_BATCH // size):(rank + 1) * (GLOBAL_BATCH // size)]
+    facts = {}
+    for variant in variants:  # LAYOUT[:REWARM_STEPS[:BETA2]]
+        layout, rewarm, beta2 = variant.split(":") + ["0", "0.999"][variant.count(":"):]
+        facts[variant] = _rewarm_variant(layout, int(rewarm), float(beta2), batch)
+    return facts
+
+
 def _to_cpu(value):
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
@@ -81,7 +170,18 @@ def main() -> None:
     parser.add_argument("--method", default="svd")
     parser.add_argument("--bf16", action="store_true", help="zero3 only: bf16 params, fp32 master copies")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--extra-trainable", nargs="+", metavar="VARIANT",
+                        help="zero3 on CPU only: instead of the fine-tune, measure the updates after a resample "
+                             "with the final norm also trainable, per VARIANT: own-group, same-group or "
+                             "same-group:R[:BETA2] (learning-rate re-warmup of R steps, Adam's beta2; default 0.999)")
     args = parser.parse_args()
+    if args.extra_trainable:
+        facts = rewarm_experiment(args.extra_trainable)
+        if dist.get_rank() == 0:
+            torch.save(facts, args.out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=300).train()
     model.config.use_cache = False

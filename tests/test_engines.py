@@ -2,7 +2,8 @@
 
 Same tiny Llama, same global batches and windows, 9 steps with 3 resamples: the engines must
 agree on losses and merged weights, keep the function across each resample, and hold
-optimizer state for the factors only, reset at each resample.
+optimizer state for the factors only, reset at each resample. A ZeRO-3 experiment with another
+trainable parameter measures the update size after a resample when Adam's step cannot restart.
 """
 import os
 import subprocess
@@ -80,6 +81,45 @@ def test_zero3_resample_updates_fp32_masters_and_zeroes_moments(tmp_path):
     assert facts["moments_after_resample"] == 0.0
     assert facts["group_steps_after_resample"] and set(facts["group_steps_after_resample"]) == {0.0}
     assert facts["first_step_move"] <= 2e-3 + 2 * bf16_step  # one Adam step of lr 2e-3 from fresh moments
+
+
+@pytest.fixture(scope="module")
+def rewarm(tmp_path_factory):
+    """One launch, three ZeRO-3 runs with the final norm trainable too (see tests/engine_worker.py)."""
+    out = tmp_path_factory.mktemp("rewarm") / "rewarm.pt"
+    return _run(out, "zero3", 2, ["--extra-trainable", "own-group", "same-group", "same-group:100:0.99"])
+
+
+def test_zero3_resample_restarts_step_of_factors_in_own_group(rewarm):
+    """Factors alone in their param group (even over several DeepSpeed sub-groups): every step
+    restarts, the norm's does not, and the updates after the resample are a fresh Adam's (1x lr)."""
+    run, long_run = rewarm["own-group"], 10_000
+    factor_steps = [g["step"] for g in run["sub_groups"] if g["factors"]]
+    assert len(factor_steps) > 1 and set(factor_steps) == {0.0}
+    assert [g["step"] for g in run["sub_groups"] if not g["factors"]] == [long_run]
+    fp32_rounding = 2 * run["master_scale"] * 2.0 ** -23 / 1e-5  # of |delta| / lr, at lr 1e-5
+    assert run["max_update_over_lr"][0] == pytest.approx(1.0, abs=fp32_rounding + 1e-3)
+    assert max(run["median_update_over_lr"]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_zero3_partial_reset_keeps_step_and_overshoots(rewarm):
+    """Factors sharing a param group with the norm: the step stays, so the zeroed moments get no
+    bias correction: the k-th update is (1-b1^k)/sqrt(1-b2^k) lr, 3.16x at k=1, 6.57x at k=12."""
+    run = rewarm["same-group"]
+    assert [g["step"] for g in run["sub_groups"]] == [10_000]
+    assert run["median_update_over_lr"][0] > 2
+    assert max(run["median_update_over_lr"]) > 5
+
+
+def test_zero3_partial_reset_is_tamed_by_rewarm_of_one_over_one_minus_beta2(rewarm):
+    """The same with rewarm_steps = 1/(1-b2) (b2=0.99 and 100 steps here, to keep the test short;
+    the bound (1-b1^k)/sqrt(1-b2^k) * k/(R+1) hardly depends on b2 at R = 1/(1-b2)): no update
+    exceeds ~1.25x lr, while the rewarm-free rate would still overshoot."""
+    run = rewarm["same-group:100:0.99"]
+    assert [g["step"] for g in run["sub_groups"]] == [10_000]
+    assert run["lr_factor"][-1] == 1.0  # the window covers the whole re-warmup and beyond
+    assert max(run["median_update_over_lr"]) <= 1.3
+    assert max(m / f for m, f in zip(run["median_update_over_lr"], run["lr_factor"])) > 1.8
 
 
 def _llama3_8b_shapes():
