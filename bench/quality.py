@@ -28,6 +28,7 @@ ROSA_DEFAULTS = {"factorizer": "svd", "sampling": "random", "resample_every": 10
 LR_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "rosa": [3e-4, 1e-3, 3e-3]}
 METHODS = [("full", None), ("lora", 4), ("lora", 16), ("lora", 64), ("rosa", 4), ("rosa", 16), ("rosa", 64)]
 CORPORA = ("austen", "stdlib")
+EVAL_BATCH = 8  # its fp32 logits (8 x 512 x 49,152) stay under 1 GiB
 HEADLINE = [("full", None), ("lora", 16), ("rosa", 16)]
 ABLATIONS = [{"factorizer": "eigh"}, {"factorizer": "qr"},
              {"sampling": "random-subset"}, {"sampling": "top"}, {"sampling": "bottom"},
@@ -130,7 +131,7 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
     result = {"id": run_id(spec), "spec": spec, "options": opts, "steps": steps, "batch": batch, "seq": seq,
               "tokens": steps * batch * seq, "steps_per_epoch": steps_per_epoch,
               "trainable_params": sum(p.numel() for p in params), "curve": [], "resample_s": 0.0, "resamples": 0}
-    result["curve"].append((0, _evaluate(model, val, 32)))
+    result["curve"].append((0, _evaluate(model, val, EVAL_BATCH)))
     if spec["method"] != "base":
         opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
         order = torch.Generator().manual_seed(spec["seed"])
@@ -157,12 +158,12 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             if (step + 1) % eval_every == 0 or step + 1 == steps:
-                result["curve"].append((step + 1, _evaluate(model, val, 32)))
+                result["curve"].append((step + 1, _evaluate(model, val, EVAL_BATCH)))
         result["train_s"] = time.perf_counter() - train_start
         result["train_loss_last50"] = torch.stack(losses[-50:]).float().mean().item()
         result["tok_s"] = result["tokens"] / result["train_s"]
     result["val_loss"] = result["curve"][-1][1]
-    result["test_loss"] = _evaluate(model, test, 32)
+    result["test_loss"] = _evaluate(model, test, EVAL_BATCH)
     result["test_ppl"] = math.exp(result["test_loss"])
     result["val_ppl"] = math.exp(result["val_loss"])
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -211,8 +212,11 @@ def final_specs(results: dict[str, dict]) -> list[dict]:
     return specs
 
 
-def drive(specs: list[dict], args, deadline: float) -> None:
-    """Hand runs to ``--workers`` processes per GPU until done or out of budget."""
+def drive(specs: list[dict], args, deadline: float, timing: dict) -> None:
+    """Hand runs to ``--workers`` processes per GPU until done or out of budget.
+
+    A run starts only if the longest run seen so far (``timing``, kept across phases) would end
+    before ``deadline``."""
     import torch
 
     runs = Path(args.runs)
@@ -221,14 +225,13 @@ def drive(specs: list[dict], args, deadline: float) -> None:
     gpus = max(1, torch.cuda.device_count())
     slots = args.workers * gpus
     print(f"{len(todo)} runs to do ({len(specs) - len(todo)} done), {slots} workers on {gpus} GPUs", flush=True)
-    longest = 0.0
     pending = {}
     free = list(range(slots))
     pools = [ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_pin, initargs=(i % gpus,))
              for i in range(slots)]
     try:
         while todo or pending:
-            while todo and free and time.monotonic() + 1.2 * longest < deadline:
+            while todo and free and time.monotonic() + 1.2 * timing["longest_s"] < deadline:
                 slot, spec = free.pop(), todo.pop(0)
                 fut = pools[slot].submit(train_one, spec, args.data, args.model, str(runs), args.steps, args.batch,
                                          args.seq, args.eval_every, args.warmup)
@@ -239,7 +242,7 @@ def drive(specs: list[dict], args, deadline: float) -> None:
             for fut in done:
                 slot, spec, t0 = pending.pop(fut)
                 free.append(slot)
-                longest = max(longest, time.monotonic() - t0)
+                timing["longest_s"] = max(timing["longest_s"], time.monotonic() - t0)
                 try:
                     r = fut.result()
                     print(f"{r['id']}: val {r['val_loss']:.4f} test ppl {r['test_ppl']:.3f} "
@@ -271,8 +274,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=6, help="worker processes per GPU")
-    parser.add_argument("--budget-s", type=float, default=540)
+    parser.add_argument("--workers", type=int, default=6,
+                        help="worker processes per GPU (each holds ~15 GiB on an H200; 10 ran out of memory)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="start no run that would not end within this many seconds of the start")
+    parser.add_argument("--expect-s", type=float, default=0.0,
+                        help="a run's expected seconds before any has finished (measured: ~200 s on one "
+                             "H200 shared by 6 runs of 2M tokens)")
     parser.add_argument("--only", default=None, help="run only specs whose id contains one of these comma-separated texts")
     args = parser.parse_args()
     specs = sweep_specs() if args.phase in ("sweep", "all", "list") else []
@@ -284,9 +292,10 @@ def main() -> None:
         print("\n".join(run_id(s) for s in specs))
         return
     deadline = time.monotonic() + args.budget_s
-    drive(specs, args, deadline)
+    timing = {"longest_s": args.expect_s}
+    drive(specs, args, deadline, timing)
     if args.phase == "all":  # the final phase needs the sweep's best rates
-        drive(final_specs(load_results(Path(args.runs))), args, deadline)
+        drive(final_specs(load_results(Path(args.runs))), args, deadline, timing)
 
 
 if __name__ == "__main__":

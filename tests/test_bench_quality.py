@@ -84,3 +84,26 @@ def test_driver_skips_finished_runs(setup, tmp_path):
     assert "1 runs to do" in first.stdout and (runs / "austen_base_lr0_s0.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "0 runs to do (1 done)" in again.stdout
+
+
+def test_report_picks_validation_best_averages_seeds_and_lists_owed(tmp_path):
+    import quality_report
+
+    def result(method, rank, lr, seed, val, ppl):
+        spec = {"corpus": "austen", "method": method, "rank": rank, "lr": lr, "seed": seed}
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "test_ppl": ppl, "finite": True,
+                                      "trainable_params": 10, "curve": [(0, 4.0), (5, val)], "resample_s": 2.0,
+                                      "resamples": 2, "tokens": 100, "train_s": 3.0, "tok_s": 33.3, "peak_gib": 1.0}
+
+    results = dict([result("rosa", 16, 1e-3, 0, 3.0, 20.0), result("rosa", 16, 1e-3, 1, 3.1, 22.0),
+                    result("rosa", 16, 3e-3, 0, 3.5, 10.0), result("lora", 16, 1e-3, 0, 3.2, 21.0)])
+    flat, cells = quality_report.summarize(results)
+    assert flat["lr_rosa_r16"] == 1e-3 and flat["ppl_rosa_r16"] == 21.0  # mean of two seeds at the val-best lr
+    assert flat["ppl_rosa_r16_seeds"] == 2 and abs(flat["ppl_rosa_r16_std"] - 2 ** 0.5) < 1e-9
+    assert flat["lr_rosa_r16_sweep_complete"] is False  # 3e-4 never ran
+    assert flat["tok_s_between_resamples_rosa_r16"] == 100.0
+    missing = quality_report.owed(results)
+    assert "austen_rosa-r16_lr0.0003_s0" in missing and "austen_rosa-r16_lr0.001_s1" not in missing
+    assert "austen_rosa-r16_lr0.001_s2" in missing  # a headline seed still owed
+    text = quality_report.markdown(flat, cells, missing, {"steps": 5, "batch": 2, "seq": 10, "tokens": 100})
+    assert "| ROSA r=16 | 0.00M | 0.001 (partial sweep) |" in text and "21.00 ± 1.41" in text

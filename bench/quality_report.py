@@ -1,0 +1,163 @@
+"""Summarize the quality study's per-run JSON files: flat-key JSON, a markdown table, loss curves.
+
+For each corpus, method and rank the learning rate is the sweep's best on validation loss
+(seed 0); its test perplexity is averaged over the seeds that ran at that rate. Runs the study
+still owes (missing sweep rates, seeds, ablations) are listed, never guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import quality
+
+NAMES = {"full": "Full fine-tuning", "lora": "PEFT LoRA", "rosa": "ROSA", "base": "no fine-tuning"}
+
+
+def _key(method: str, rank) -> str:
+    return method if rank is None else f"{method}_r{rank}"
+
+
+def _cell(results: dict, corpus: str, method: str, rank) -> dict | None:
+    lr = quality.best_lr(results, corpus, method, rank)
+    if lr is None:
+        return None
+    runs = [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == method
+            and r["spec"].get("rank") == rank and r["spec"]["lr"] == lr and not r["spec"].get("ablation")]
+    ppl = [r["test_ppl"] for r in runs]
+    seed0 = next(r for r in runs if r["spec"]["seed"] == 0)
+    swept = sorted(r["spec"]["lr"] for r in results.values() if r["spec"]["corpus"] == corpus
+                   and r["spec"]["method"] == method and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0
+                   and not r["spec"].get("ablation"))
+    return {"lr": lr, "lrs_swept": swept, "sweep_complete": swept == sorted(quality.LR_GRID[method]),
+            "ppl": statistics.mean(ppl), "ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+            "seeds": len(ppl), "val_loss": seed0["val_loss"], "params": seed0["trainable_params"],
+            "tok_s": seed0.get("tok_s"),
+            "tok_s_between_resamples": seed0["tokens"] / (seed0["train_s"] - seed0["resample_s"]) if "train_s" in seed0 else None,
+            "peak_gib": seed0["peak_gib"], "curve": seed0["curve"],
+            "resample_s": seed0["resample_s"], "resamples": seed0["resamples"]}
+
+
+def summarize(results: dict) -> tuple[dict, dict]:
+    """(flat keys for the JSON, cells per corpus for the table and plot)."""
+    flat, cells = {}, {}
+    for corpus in quality.CORPORA:
+        prefix = "" if corpus == "austen" else f"{corpus}_"
+        base = [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == "base"]
+        if base:
+            flat[f"{prefix}ppl_base"] = base[0]["test_ppl"]
+        cells[corpus] = {}
+        for method, rank in quality.METHODS:
+            cell = _cell(results, corpus, method, rank)
+            if cell is None:
+                continue
+            cells[corpus][(method, rank)] = cell
+            k = _key(method, rank)
+            flat[f"{prefix}ppl_{k}"] = cell["ppl"]
+            flat[f"{prefix}ppl_{k}_std"] = cell["ppl_std"]
+            flat[f"{prefix}ppl_{k}_seeds"] = cell["seeds"]
+            flat[f"{prefix}lr_{k}"] = cell["lr"]
+            flat[f"{prefix}lr_{k}_sweep_complete"] = cell["sweep_complete"]
+            flat[f"{prefix}val_loss_{k}"] = cell["val_loss"]
+            flat[f"{prefix}trainable_params_{k}"] = cell["params"]
+            flat[f"{prefix}tok_s_{k}"] = cell["tok_s"]
+            flat[f"{prefix}tok_s_between_resamples_{k}"] = cell["tok_s_between_resamples"]
+            flat[f"{prefix}peak_gib_{k}"] = cell["peak_gib"]
+            if method == "rosa":
+                flat[f"{prefix}resample_s_{k}"] = cell["resample_s"] / max(1, cell["resamples"])
+    for r in results.values():
+        ab = r["spec"].get("ablation")
+        if ab:
+            name = "_".join(f"{k}={v}" for k, v in sorted(ab.items()))
+            flat[f"ablation_{name}_ppl"] = r["test_ppl"]
+            flat[f"ablation_{name}_val_loss"] = r["val_loss"]
+    return flat, cells
+
+
+def owed(results: dict) -> list[str]:
+    """Run ids of the study's plan that have no result yet."""
+    planned = quality.sweep_specs() + quality.final_specs(results)
+    return [quality.run_id(s) for s in planned if quality.run_id(s) not in results]
+
+
+def markdown(flat: dict, cells: dict, missing: list[str], setup: dict) -> str:
+    lines = [f"# Quality study: SmolLM2-135M-Instruct, {setup['tokens'] / 1e6:.2f}M training tokens per run", "",
+             f"{setup['steps']} steps x {setup['batch']} x {setup['seq']} tokens, AdamW, bf16 autocast, cosine, "
+             "ROSA resampled every 100 steps (svd, random window, optimizer reset). Learning rate per row: the "
+             "best of its sweep on validation loss (seed 0). Test PPL: mean (± std over seeds where more than one). "
+             "Speeds are indicative only: 6-10 runs shared one H200 at a time.",
+             ""]
+    for corpus, rows in cells.items():
+        test = "Persuasion (held-out novel)" if corpus == "austen" else "held-out stdlib documents"
+        prefix = "" if corpus == "austen" else f"{corpus}_"
+        lines += [f"## {corpus}: test = {test}", "",
+                  "| method | trainable params | lr | val loss | test PPL | seeds | tok/s | tok/s without resamples | s per resample |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        if f"{prefix}ppl_base" in flat:
+            lines.append(f"| no fine-tuning | 0 | - | - | {flat[prefix + 'ppl_base']:.2f} | - | - | - | - |")
+        for (method, rank), c in rows.items():
+            name = NAMES[method] + (f" r={rank}" if rank else "")
+            lr = f"{c['lr']:g}" + ("" if c["sweep_complete"] else " (partial sweep)")
+            ppl = f"{c['ppl']:.2f}" + (f" ± {c['ppl_std']:.2f}" if c["seeds"] > 1 else "")
+            per = f"{c['resample_s'] / c['resamples']:.1f}" if c["resamples"] else "-"
+            lines.append(f"| {name} | {c['params'] / 1e6:.2f}M | {lr} | {c['val_loss']:.4f} | {ppl} | {c['seeds']} | "
+                         f"{c['tok_s'] or 0:,.0f} | {c['tok_s_between_resamples'] or 0:,.0f} | {per} |")
+        lines.append("")
+    ablations = sorted(k for k in flat if k.startswith("ablation_") and k.endswith("_ppl"))
+    if ablations:
+        lines += ["## Ablations (Austen, ROSA r=16)", "", "| change | test PPL |", "|---|---|"]
+        lines += [f"| {k[9:-4]} | {flat[k]:.2f} |" for k in ablations]
+        lines.append("")
+    if missing:
+        lines += [f"## Owed: {len(missing)} planned runs have no result yet", "",
+                  ", ".join(f"`{m}`" for m in missing), ""]
+    return "\n".join(lines)
+
+
+def plot(cells: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5))
+    for ax, (corpus, rows) in zip(axes, cells.items()):
+        for (method, rank), c in rows.items():
+            steps, losses = zip(*c["curve"][1:])  # step 0 is the untrained model, far above the rest
+            color = {None: "black", 4: "tab:blue", 16: "tab:orange", 64: "tab:green"}.get(rank, "tab:gray")
+            ax.plot(steps, losses, "--" if method == "lora" else "-", color=color, label=NAMES[method] + (f" r={rank}" if rank else "") + f" (lr {c['lr']:g})")
+        ax.set_title(f"{corpus}: validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("next-token loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", help="folder of per-run JSON files from bench/quality.py")
+    parser.add_argument("--out", required=True, help="output path prefix, e.g. bench/results/quality-2026-11-28")
+    args = parser.parse_args()
+    results = quality.load_results(Path(args.runs))
+    if not results:
+        raise SystemExit(f"quality_report: no run results in {args.runs}")
+    any_run = next(iter(results.values()))
+    setup = {k: any_run[k] for k in ("steps", "batch", "seq", "tokens")}
+    flat, cells = summarize(results)
+    missing = owed(results)
+    flat.update({f"setup_{k}": v for k, v in setup.items()})
+    flat["runs_done"] = len(results)
+    flat["runs_owed"] = len(missing)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({**flat, "owed": missing}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(flat, cells, missing, setup))
+    plot(cells, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
