@@ -131,3 +131,43 @@ def test_killed_node_stops_the_survivor_and_both_resume(tiny_model_dir, tiny_dat
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 200
+
+
+def _sbatch(args, tmp_path, port):
+    """launch/slurm.sbatch as SLURM would run it on 2 nodes, with tests/fake_slurm.py for srun & co."""
+    from tests import fake_slurm
+
+    bin_dir = tmp_path / "fake-slurm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake_slurm.install(bin_dir)
+    log = tmp_path / "slurm.log"
+    log.write_text("")
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log), "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT),
+           "MASTER_PORT": str(port)}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, log
+
+
+def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "slurm"
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=200)
+    proc, log = _sbatch(args, tmp_path, free_port())
+    assert _wait_for(lambda: _steps_logged(out) >= 3, 180)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends to the batch shell
+    stdout, err = proc.communicate(timeout=180)
+    events = log.read_text().splitlines()
+    assert "scancel USR1" in events and "requeue 4242" in events, err[-3000:]
+    assert proc.returncode != 0 and "requeueing job 4242" in err
+    stopped = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 3 <= stopped < 200 and not (out / "merged").exists()
+    assert f"stopped by a signal at step {stopped}" in stdout
+
+    again, log = _sbatch(args, tmp_path, free_port())  # the requeued job: same script, --resume auto
+    stdout, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"at step {stopped}" in stdout  # resumed, not started over
+    assert not any(e.startswith("requeue") for e in log.read_text().splitlines())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 200 and summary["world_size"] == 2 and summary["engine"] == "fsdp2"
