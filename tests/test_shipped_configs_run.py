@@ -1,0 +1,55 @@
+"""The shipped 8B/70B training configs, run as shipped except for size: a tiny model, tiny data
+and a few steps, on 2 CPU processes. Everything else (bf16 weights and compute, gradient
+checkpointing, accumulation, eigh, fp32 w_fixed, re-warmup, checkpoints, resume auto) is theirs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+pytestmark = pytest.mark.slow
+
+
+def _shrunk(config, model_dir, data, out):
+    return ["--config", str(ROOT / config), "--model", str(model_dir), "--dataset", str(data["train"]),
+            "--eval-dataset", str(data["eval"]), "--block-size", "32", "--batch-size", "2", "--grad-accum", "2",
+            "--max-steps", "4", "--warmup-steps", "1", "--resample-every", "2", "--eval-every", "2",
+            "--save-every", "2", "--max-train-blocks", "64", "--max-eval-blocks", "4", "--output-dir", str(out)]
+
+
+def _check(out, engine, proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["engine"] == engine
+    assert (out / "checkpoints" / "latest").read_text().strip().endswith("00000004")
+    assert (out / "merged" / "config.json").exists()
+    return summary
+
+
+@pytest.mark.parametrize("config", ["configs/train/llama3-8b-fsdp2-2gpu.yaml", "configs/train/llama3-8b-fsdp2-4gpu.yaml",
+                                    "configs/train/llama3-70b-fsdp2-multinode.yaml"])
+def test_fsdp2_configs_run_through_torchrun(config, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    env = {**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *_shrunk(config, tiny_model_dir, tiny_data, out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _check(out, "fsdp2", proc)
+    assert "weights bfloat16, compute bf16" in proc.stdout
+
+
+def test_zero3_offload_config_runs_through_accelerate(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/zero3_cpu.yaml"), "--deepspeed_config_file",
+              str(ROOT / "configs/deepspeed/zero3_offload.json"), "--main_process_port", str(free_port()),
+              "-m", "tests.accelerate_cpu"]
+    proc = subprocess.run([*launch, *_shrunk("configs/train/llama3-8b-zero3-offload.yaml", tiny_model_dir, tiny_data,
+                                             out)], cwd=ROOT, env={**ENV, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    summary = _check(out, "zero3", proc)
+    assert summary["distributed_type"] == "DEEPSPEED"
