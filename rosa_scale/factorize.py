@@ -64,25 +64,28 @@ def _factors_svd(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
 def _factors_eigh(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular triplets from the eigen-decomposition of the smaller gram matrix (fast on GPUs).
 
-    Exactness does not depend on it: ``w_fixed`` is formed by subtraction whatever the factors.
+    The eigenvalues only rank the directions: deep in the spectrum an fp32 gram's eigenvalues are
+    noise (below eps * s_max^2, even negative), so each singular value is measured as the norm of
+    ``W v`` instead, which keeps ``up`` and ``down`` balanced (norms sqrt(s) each) and
+    ``up @ down`` the exact projection of W on the chosen directions. Exactness of the split does
+    not depend on it: ``w_fixed`` is formed by subtraction whatever the factors.
     """
     tall = w.shape[0] >= w.shape[1]
     # Summed in float64; decomposed in the input's precision (fp32 halves the eigensolver's memory).
     gram = _gram64(w if tall else w.T).to(w.dtype)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     del gram
-    evals, evecs = evals.double(), evecs.double()
-    order = torch.argsort(evals, descending=True)
-    idx = order[idx.to(w.device)]
-    s = evals[idx].clamp_min(0).sqrt()
-    vecs = evecs[:, idx]
-    # A zero singular value has no defined partner vector; its product with W is ~0 anyway.
-    inv_root = 1.0 / s.clamp_min(torch.finfo(torch.float64).tiny ** 0.25).sqrt()
-    root = s.sqrt()
-    vecs, root, inv_root = vecs.to(w.dtype), root.to(w.dtype), inv_root.to(w.dtype)
+    order = torch.argsort(evals.double(), descending=True)
+    vecs = evecs[:, order[idx.to(w.device)]]
+    del evecs
+    image = w @ vecs if tall else (vecs.T @ w).T  # W V_J (out x r), or W^T U_J (in x r)
+    s = image.double().norm(dim=0)
+    root = s.sqrt().to(w.dtype)
+    # A zero singular value has no defined partner vector; its image is ~0 anyway.
+    inv_root = (1.0 / s.clamp_min(torch.finfo(torch.float64).tiny ** 0.5).sqrt()).to(w.dtype)
     if tall:  # vecs are right singular vectors V_J
-        return (w @ vecs) * inv_root, root[:, None] * vecs.T
-    return vecs * root, inv_root[:, None] * (vecs.T @ w)  # vecs are left singular vectors U_J
+        return image * inv_root, root[:, None] * vecs.T
+    return vecs * root, (image * inv_root).T  # vecs are left singular vectors U_J
 
 
 def _gram64(w: torch.Tensor, rows: int = 2048) -> torch.Tensor:

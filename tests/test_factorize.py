@@ -111,3 +111,23 @@ def test_overwrite_reuses_the_input_storage_and_gives_the_same_split():
     untouched = w.clone()
     split(w, 4, generator=torch.Generator().manual_seed(2))  # default: the input is left alone
     assert torch.equal(w, untouched)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_eigh_factors_stay_balanced_where_float32_eigenvalues_are_noise(shape):
+    """Deep in the spectrum an fp32 gram's eigenvalues sit below eps * s_max^2 (even negative);
+    the factors must still be balanced (norms sqrt(s) each) and project W on the chosen directions."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], 64, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], 64, generator=g, dtype=torch.float64))
+    w = ((u * torch.logspace(0, -6, 64, dtype=torch.float64)) @ v.T).float()
+    _, up, down = split(w, 8, method="eigh", sampling="bottom", generator=torch.Generator().manual_seed(0))
+    up, down, w = up.double(), down.double(), w.double()
+    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-4, atol=0)
+    if shape[0] >= shape[1]:  # down's rows are the chosen right directions: up @ down = W V V^T
+        basis = down.T / down.norm(dim=1)
+        proj = w @ basis @ basis.T
+    else:  # up's columns are the chosen left directions: up @ down = U U^T W
+        basis = up / up.norm(dim=0)
+        proj = basis @ basis.T @ w
+    assert (up @ down - proj).norm() < 1e-6 * w.norm()  # fp32 rounding of W V against |W|
