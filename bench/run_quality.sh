@@ -11,7 +11,8 @@
 #   later calls, carrying .carry/quality_data.pt:
 #     bash bench/run_quality.sh run all 540 [--only TEXT,...]
 # Each run call leaves $OUT/quality-runs.tgz (every finished run so far); unpack it into
-# bench/results/quality-runs-<date>/ and run bench/quality_report.py on that folder.
+# bench/results/quality-runs-2026-11-28/ (QUALITY_DONE: runs found there are never redone) and run
+# bench/quality_report.py on that folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.carry
@@ -45,6 +46,10 @@ _convert(Path('/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$MODEL'))" 2>&
   run)  # run PHASE BUDGET_S [quality.py options]
     phase=${2:?phase: sweep, final or all}; budget=${3:?budget in seconds}; shift 3
     mkdir -p runs/quality
+    # runs already measured (committed) are not run again: the driver skips ids with a result file
+    for f in "${QUALITY_DONE:-bench/results/quality-runs-2026-11-28}"/*.json; do
+      [ -e "$f" ] && cp -n "$f" runs/quality/
+    done
     status=0
     python3 bench/quality.py "$phase" --data "$CARRY/quality_data.pt" --model "$MODEL" --runs runs/quality \
       --budget-s "$budget" --expect-s 220 "$@" 2>&1 | grep --line-buffered -v "Warning\|Loading weights\|warnings.warn" \
