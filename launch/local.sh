@@ -13,5 +13,5 @@ if [ "$NPROC" -le 1 ]; then
   rosa_report_exit local.sh "$rc" "rosa-train"
   exit
 fi
-NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29500} GPUS_PER_NODE=$NPROC \
-  exec "$here/multinode.sh" "$@"
+if [ "$gpus" -gt 0 ]; then export GPUS_PER_NODE=$NPROC; else export GPUS_PER_NODE=0 CPU_PROCS_PER_NODE=$NPROC; fi
+NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29500} exec "$here/multinode.sh" "$@"

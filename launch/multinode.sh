@@ -2,7 +2,7 @@
 # One node of a multi-node rosa-train job, through `accelerate launch`. Run it on every node.
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config run.yaml
 # Variables: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (required); GPUS_PER_NODE (default: all
-# GPUs here; on CPU-only nodes 1 process); ENGINE=fsdp2 (default) | zero3 | ddp. Arguments after
+# GPUs here; on CPU-only nodes CPU_PROCS_PER_NODE processes, default 1); ENGINE=fsdp2 (default) | zero3 | ddp. Arguments after
 # the variables go to rosa-train. Timeouts and NCCL settings: launch/env.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,7 +14,7 @@ done
 [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
 ENGINE=${ENGINE:-fsdp2}
 gpus=$(rosa_gpus_per_node)
-per_node=$(( gpus > 0 ? gpus : 1 ))
+per_node=$(( gpus > 0 ? gpus : ${CPU_PROCS_PER_NODE:-1} ))  # CPU-only nodes: CPU_PROCS_PER_NODE processes
 engine_args=()
 case "$ENGINE:$gpus" in
   fsdp2:0) engine_args=(--multi_gpu); set -- "$@" --fsdp true ;;  # CPU: rosa-train shards itself

@@ -171,3 +171,15 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     assert not any(e.startswith("requeue") for e in log.read_text().splitlines())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 200 and summary["world_size"] == 2 and summary["engine"] == "fsdp2"
+
+
+def test_local_launcher_on_cpu_shards_with_fsdp2(tiny_model_dir, tiny_data, tmp_path):
+    """NPROC CPU processes on a GPU-less node must run FSDP2, not silently fall back to DDP."""
+    out = tmp_path / "local"
+    env = {k: v for k, v in ENV.items() if k != "GPUS_PER_NODE"}  # as a user runs it: GPUs counted, none found
+    proc = subprocess.run([str(ROOT / "launch" / "local.sh"), *_train_args(tiny_model_dir, tiny_data, out, steps=3)],
+                          cwd=ROOT, env={**env, "NPROC": "2", "MASTER_PORT": str(free_port())},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads((out / "summary.json").read_text())
+    assert seen["engine"] == "fsdp2" and seen["world_size"] == seen["num_processes"] == 2
