@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One node of 4 GPUs against two "nodes" of 2 GPUs (launch/multinode.sh) on one nvidia-h200-x4 machine.
+# Here, once: the wheels rosa-train needs there (datasets is missing on the device, ~54 MB):
+#   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .carry/datasets-wheels datasets pyarrow dill multiprocess xxhash
+# On the device, carrying .carry/datasets-wheels (about 7 minutes: a 16 GB model is built first):
+#   bash bench/run_multinode_bench.sh $OUT
+# CPU check: OMP_NUM_THREADS=1 python bench/multinode_bench.py --tiny --work /tmp/mnb --out /tmp/mnb.json --seq 32 --steps 12 --skip 2
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:?usage: run_multinode_bench.sh OUTDIR}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/datasets-wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv | tail -n +2
+df -h /tmp | tail -1
+python3 bench/multinode_bench.py --out "$OUTDIR/multinode-4gpu.json" --work /tmp/rosa-multinode-bench --timeout 240 \
+  2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warnings.warn" | tail -60
