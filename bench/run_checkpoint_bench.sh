@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 N=${1:?usage: run_checkpoint_bench.sh GPUS [OUTDIR]}
 OUTDIR=${2:-bench/results/raw}
 mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source bench/device_env.sh
 df -h /tmp | tail -1
 timeout 540 python3 -m torch.distributed.run --standalone --nproc_per_node "$N" bench/checkpoint_bench.py \
   --layers 32 --out "$OUTDIR/checkpoint-${N}gpu.json" --dir /tmp/rosa-ckpt-bench

@@ -10,9 +10,8 @@ cd "$(dirname "$0")/.."
 N=${1:?usage: run_fsdp2_bench.sh GPUS [OUTDIR]}
 OUTDIR=${2:-bench/results/raw}
 mkdir -p "$OUTDIR"
-# NVLink multicast stays off on the shared hosts (KINDS.md); OMP threads per rank kept modest.
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+source bench/device_env.sh
+device_report
 python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "gpus", torch.cuda.device_count())'
 status=0
 if [ "$N" = 1 ]; then

@@ -11,8 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: run_multinode_bench.sh OUTDIR}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/datasets-wheels/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tail -n +2
+export PYTHONPATH=/tmp/site:$PWD
+source bench/device_env.sh
+device_report
 df -h /tmp | tail -1
 python3 bench/multinode_bench.py --out "$OUTDIR/multinode-4gpu.json" --work /tmp/rosa-multinode-bench --timeout 240 \
   2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warnings.warn" | tail -60

@@ -19,7 +19,7 @@ CARRY=.carry
 GGUF_WHEEL=gguf-0.19.0-py3-none-any.whl
 MODEL=/tmp/smollm2-135m-instruct
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source bench/device_env.sh
 
 case "${1:-}" in
   prepare)  # the model as two GGUF chunks (each under the 64 MiB a call carries), gguf, the token file
@@ -35,7 +35,7 @@ case "${1:-}" in
   stage)  # first chunk and gguf, kept in /tmp for the next call on the same warm machine
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY/$GGUF_WHEEL"
     cp "$CARRY/smol.gguf.part_aa" /tmp/smol.gguf.part_aa
-    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
+    device_report ;;
   convert)  # join the chunks and build the same float32 folder as rosa_scale's builtin model
     mkdir -p /tmp/gguf
     cat /tmp/smol.gguf.part_aa "$CARRY/smol.gguf.part_ab" > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf

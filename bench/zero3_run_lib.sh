@@ -3,9 +3,8 @@
 set -uo pipefail
 BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$OUTDIR"
-# NVLink multicast stays off on the shared hosts (KINDS.md); OMP threads per rank kept modest.
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1 PYTHONWARNINGS=ignore::FutureWarning
+source bench/device_env.sh
+export PYTHONWARNINGS=ignore::FutureWarning
 start=$SECONDS
 status=0
 left() { echo $(( BUDGET - (SECONDS - start) )); }
@@ -20,7 +19,7 @@ run() {  # CAP NAME COMMAND...: run COMMAND under a timeout of min(CAP, time lef
   (( rc != 0 )) && { echo "== $name failed: rc=$rc"; status=1; }
   echo "== $name done after $(( SECONDS - start )) s"
 }
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+device_report
 python3 -c 'import torch, transformers, peft, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__, "gpus", torch.cuda.device_count())' 2>&1 | grep -v Warning
 TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2"
 Z="$TR bench/zero3_bench.py --append --watchdog 150 --out $OUTDIR/zero3.json $BENCH_ARGS"
