@@ -10,7 +10,6 @@ Saved as one ``torch.save`` file of int32 tensors, so the GPU side needs no toke
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -41,18 +40,17 @@ def austen(tokenizer, folder: Path) -> dict[str, torch.Tensor]:
     return {"train": torch.cat(train), "validation": torch.cat(val), "test": test}
 
 
-def stdlib(tokenizer, folder: Path) -> dict[str, torch.Tensor]:
+def stdlib(tokenizer) -> dict[str, torch.Tensor]:
     """The demo's corpus: its train documents; its held-out documents alternate validation / test."""
-    def docs(name):
-        return [json.loads(line)["text"] for line in (folder / name).read_text().splitlines() if line.strip()]
+    from rosa_scale.data import BUILTIN_STDLIB, load_documents
 
-    held = docs("eval.jsonl")
-    return {"train": _stream(tokenizer, docs("train.jsonl")),
+    docs = load_documents(BUILTIN_STDLIB)
+    held = docs["validation"]["text"]
+    return {"train": _stream(tokenizer, docs["train"]["text"]),
             "validation": _stream(tokenizer, held[0::2]), "test": _stream(tokenizer, held[1::2])}
 
 
 def main() -> None:
-    from rosa_scale.builtin import stdlib_corpus_dir
     from rosa_scale.loading import load_tokenizer, resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args()
     tokenizer = load_tokenizer(resolve_model_path(args.model))
-    data = {"austen": austen(tokenizer, Path(args.austen)), "stdlib": stdlib(tokenizer, stdlib_corpus_dir())}
+    data = {"austen": austen(tokenizer, Path(args.austen)), "stdlib": stdlib(tokenizer)}
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
     torch.save(data, tmp)
