@@ -283,6 +283,10 @@ def main() -> None:
                              "H200 shared by 6 runs of 2M tokens)")
     parser.add_argument("--only", default=None, help="run only specs whose id contains one of these comma-separated texts")
     args = parser.parse_args()
+    if args.phase != "list":
+        for what, path in (("--data", Path(args.data)), ("--model", Path(args.model) / "config.json")):
+            if not path.is_file():
+                raise SystemExit(f"quality.py: error: {what}: {path} not found")
     specs = sweep_specs() if args.phase in ("sweep", "all", "list") else []
     if args.phase in ("final", "list"):
         specs += final_specs(load_results(Path(args.runs)))

@@ -107,3 +107,11 @@ def test_report_picks_validation_best_averages_seeds_and_lists_owed(tmp_path):
     assert "austen_rosa-r16_lr0.001_s2" in missing  # a headline seed still owed
     text = quality_report.markdown(flat, cells, missing, {"steps": 5, "batch": 2, "seq": 10, "tokens": 100})
     assert "| ROSA r=16 | 0.00M | 0.001 (partial sweep) |" in text and "21.00 ± 1.41" in text
+
+
+def test_missing_inputs_give_one_line_and_write_nothing(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "sweep", "--data", str(tmp_path / "none.pt"),
+           "--model", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"quality.py: error: --data: {tmp_path / 'none.pt'} not found"]
+    assert not (tmp_path / "runs").exists()
