@@ -77,7 +77,7 @@ def _evaluate(model, blocks, batch: int) -> float:
     return total / count
 
 
-def _build(spec: dict, model_dir: str):
+def _build(spec: dict, model_dir: str, factorize_device: str = "weight"):
     """The model for ``spec`` on the GPU, and the parameters the optimizer trains."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -99,7 +99,7 @@ def _build(spec: dict, model_dir: str):
         from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
 
         cfg = RosaConfig(rank=spec["rank"], method=opts["factorizer"], sampling=opts["sampling"],
-                         fixed_dtype=opts["fixed_dtype"], seed=spec["seed"])
+                         fixed_dtype=opts["fixed_dtype"], seed=spec["seed"], factorize_device=factorize_device)
         apply_rosa(model, cfg)
         return model, adapter_parameters(model)
     if spec["method"] == "base":
@@ -108,8 +108,11 @@ def _build(spec: dict, model_dir: str):
 
 
 def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: int, batch: int, seq: int,
-              eval_every: int, warmup: int) -> dict:
-    """Train one spec, write ``<out_dir>/<run_id>.json`` atomically, and return it."""
+              eval_every: int, warmup: int, factorize_device: str = "weight") -> dict:
+    """Train one spec, write ``<out_dir>/<run_id>.json`` atomically, and return it.
+
+    ``factorize_device`` (where ROSA decomposes its matrices) changes rounding only, so it is
+    recorded in the result but is not part of the run's id."""
     import torch
 
     from rosa_scale import resample
@@ -127,10 +130,11 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
     device = _device()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, params = _build(spec, model_dir)
+    model, params = _build(spec, model_dir, factorize_device)
     result = {"id": run_id(spec), "spec": spec, "options": opts, "steps": steps, "batch": batch, "seq": seq,
               "tokens": steps * batch * seq, "steps_per_epoch": steps_per_epoch,
-              "trainable_params": sum(p.numel() for p in params), "curve": [], "resample_s": 0.0, "resamples": 0}
+              "trainable_params": sum(p.numel() for p in params), "curve": [], "resample_s": 0.0, "resamples": 0,
+              "factorize_device": factorize_device, "torch_threads": torch.get_num_threads()}
     result["curve"].append((0, _evaluate(model, val, EVAL_BATCH)))
     if spec["method"] != "base":
         opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
@@ -234,7 +238,7 @@ def drive(specs: list[dict], args, deadline: float, timing: dict) -> None:
             while todo and free and time.monotonic() + 1.2 * timing["longest_s"] < deadline:
                 slot, spec = free.pop(), todo.pop(0)
                 fut = pools[slot].submit(train_one, spec, args.data, args.model, str(runs), args.steps, args.batch,
-                                         args.seq, args.eval_every, args.warmup)
+                                         args.seq, args.eval_every, args.warmup, args.factorize_device)
                 pending[fut] = (slot, spec, time.monotonic())
             if not pending:
                 break
@@ -281,6 +285,8 @@ def main() -> None:
     parser.add_argument("--expect-s", type=float, default=0.0,
                         help="a run's expected seconds before any has finished (measured: ~200 s on one "
                              "H200 shared by 6 runs of 2M tokens)")
+    parser.add_argument("--factorize-device", choices=["weight", "cpu"], default="weight",
+                        help="RosaConfig.factorize_device for ROSA runs (cpu: set OMP_NUM_THREADS per worker)")
     parser.add_argument("--only", default=None, help="run only specs whose id contains one of these comma-separated texts")
     args = parser.parse_args()
     if args.phase != "list":

@@ -34,6 +34,9 @@ class RosaConfig:
     method: Literal["svd", "eigh", "qr"] = "svd"
     """Factorizer: 'svd' (exact), 'eigh' (gram-matrix eigendecomposition, fast on GPUs) or
     'qr' (projection on a random orthogonal subspace, cheapest)."""
+    factorize_device: Literal["weight", "cpu"] = "weight"
+    """Where each matrix is decomposed: on the weight's device, or on CPU (LAPACK beats cuSOLVER
+    on small matrices, most of all on a GPU busy with other work: bench/results/svd-speed-*.md)."""
     sampling: Literal["random", "random-subset", "top", "bottom"] = "random"
     """Which singular triplets to train: a random contiguous window, a random subset,
     the largest or the smallest."""

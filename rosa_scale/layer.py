@@ -112,7 +112,10 @@ def resplit_values(w_param: torch.Tensor, up: torch.Tensor, down: torch.Tensor, 
     if ``config.stochastic_rounding`` (bf16 only). Used by every engine on its full tensors.
     """
     w = merge(w_param.T if transposed else w_param, up, down)
+    if config.factorize_device == "cpu":
+        w = w.cpu()
     w_fixed, new_up, new_down = split(w, rank, method=config.method, sampling=config.sampling, generator=generator,
                                       overwrite=True)  # w is our own fresh merge
+    w_fixed, new_up, new_down = (t.to(w_param.device) for t in (w_fixed, new_up, new_down))
     w_fixed = round_to(w_fixed, w_param.dtype, stochastic=config.stochastic_rounding, generator=generator)
     return (w_fixed.T.contiguous() if transposed else w_fixed), new_up.to(up.dtype), new_down.to(down.dtype)

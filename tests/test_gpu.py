@@ -115,3 +115,24 @@ def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
     (resumed_dir / "latest").write_text("step-00000010\n")
     resumed = launch(tmp_path / "resumed", ["--resume", "auto"])
     assert resumed["eval_loss_after"] == pytest.approx(straight["eval_loss_after"], rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh", "qr"])
+def test_factorize_device_cpu_matches_gpu_split(method):
+    """RosaConfig.factorize_device='cpu' decomposes on CPU and hands back CUDA tensors with the
+    same merged weight and the same trained subspace as the decomposition on the GPU."""
+    from rosa_scale import RosaConfig
+    from rosa_scale.factorize import window_generator
+    from rosa_scale.layer import resplit_values
+
+    w = torch.randn(1536, 576, device="cuda", dtype=torch.float64) * 0.02
+    up0, down0 = torch.zeros(1536, 8, device="cuda", dtype=torch.float64), torch.zeros(8, 576, device="cuda",
+                                                                                      dtype=torch.float64)
+    out = {}
+    for where in ("weight", "cpu"):
+        cfg = RosaConfig(rank=8, method=method, factorize_device=where)
+        out[where] = resplit_values(w, up0, down0, transposed=False, rank=8, generator=window_generator(0, 1, "m"),
+                                    config=cfg)
+        assert all(t.is_cuda for t in out[where])
+        torch.testing.assert_close(merge(*out[where]), w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["cpu"][1] @ out["cpu"][2], out["weight"][1] @ out["weight"][2], rtol=0, atol=1e-9)
