@@ -5,7 +5,8 @@ bf16 autocast, cosine decay after a warmup, gradient clipping at 1.0, and evalua
 validation split during training and on the test split at the end. Learning rates come from a
 sweep scored on validation loss only; the test split never chooses anything.
 
-Phases: ``sweep`` (every method and rank over its learning-rate grid, seed 0), then ``final``
+Phases: ``sweep`` (every method and rank over its learning-rate grid, seed 0, extended one rung
+at a time past an edge where the best rate sits), then ``final``
 (two more seeds for the headline row, and the ROSA ablations at ROSA r=16's best rate; needs the
 sweep's results). Runs go to a pool of worker processes sharing the GPUs (small models leave a
 GPU mostly idle with one process); each finished run is one JSON file in ``--runs``, so a phase
@@ -26,6 +27,8 @@ from pathlib import Path
 ROSA_DEFAULTS = {"factorizer": "svd", "sampling": "random", "resample_every": 100, "reset_optimizer": True,
                  "rewarm_steps": 0, "model_dtype": "float32", "fixed_dtype": "model"}
 LR_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "rosa": [3e-4, 1e-3, 3e-3]}
+# A sweep whose best rate is at an edge of what it tried goes one rung further along this ladder.
+LR_LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 METHODS = [("full", None), ("lora", 4), ("lora", 16), ("lora", 64), ("rosa", 4), ("rosa", 16), ("rosa", 64)]
 CORPORA = ("austen", "stdlib")
 EVAL_BATCH = 8  # its fp32 logits (8 x 512 x 49,152) stay under 1 GiB
@@ -182,12 +185,36 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
 
 # ---------------------------------------------------------------- phases (driver)
 
-def sweep_specs() -> list[dict]:
+def sweep_specs(results: dict[str, dict] | None = None) -> list[dict]:
+    """The grid of every method and rank, plus one rung past any edge where the best rate sits."""
     specs = [{"corpus": c, "method": "base", "rank": None, "lr": 0.0, "seed": 0} for c in CORPORA]
     for corpus in CORPORA:
         for method, rank in METHODS:
-            specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": 0} for lr in LR_GRID[method]]
+            lrs = LR_GRID[method] + edge_extension(results or {}, corpus, method, rank)
+            specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": 0} for lr in lrs]
     return specs
+
+
+def _swept(results: dict[str, dict], corpus: str, method: str, rank) -> list[dict]:
+    return [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == method
+            and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0 and not r["spec"].get("ablation")]
+
+
+def edge_extension(results: dict[str, dict], corpus: str, method: str, rank) -> list[float]:
+    """Rates beyond the grid that the sweep tried or now owes: while the best rate is the lowest
+    (highest) one tried, the next lower (higher) rung of ``LR_LADDER`` is added, so a chosen rate
+    is always bracketed by a worse one on each side."""
+    tried = sorted({r["spec"]["lr"] for r in _swept(results, corpus, method, rank)})
+    extra = [lr for lr in tried if lr not in LR_GRID[method]]
+    best = best_lr(results, corpus, method, rank)
+    if best is None or not set(LR_GRID[method]) <= set(tried):
+        return extra
+    rung = LR_LADDER.index(best)
+    if best == tried[0] and rung > 0:
+        extra.append(LR_LADDER[rung - 1])
+    if best == tried[-1] and rung + 1 < len(LR_LADDER):
+        extra.append(LR_LADDER[rung + 1])
+    return sorted(set(extra))
 
 
 def load_results(runs: Path) -> dict[str, dict]:
@@ -196,9 +223,7 @@ def load_results(runs: Path) -> dict[str, dict]:
 
 def best_lr(results: dict[str, dict], corpus: str, method: str, rank) -> float | None:
     """The sweep's rate with the lowest final validation loss (seed 0, default options)."""
-    cands = [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == method
-             and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0 and not r["spec"].get("ablation")
-             and r["finite"]]
+    cands = [r for r in _swept(results, corpus, method, rank) if r["finite"]]
     return min(cands, key=lambda r: r["val_loss"])["spec"]["lr"] if cands else None
 
 
@@ -293,7 +318,7 @@ def main() -> None:
         for what, path in (("--data", Path(args.data)), ("--model", Path(args.model) / "config.json")):
             if not path.is_file():
                 raise SystemExit(f"quality.py: error: {what}: {path} not found")
-    specs = sweep_specs() if args.phase in ("sweep", "all", "list") else []
+    specs = sweep_specs(load_results(Path(args.runs))) if args.phase in ("sweep", "all", "list") else []
     if args.phase in ("final", "list"):
         specs += final_specs(load_results(Path(args.runs)))
     if args.only:
@@ -304,6 +329,13 @@ def main() -> None:
     deadline = time.monotonic() + args.budget_s
     timing = {"longest_s": args.expect_s}
     drive(specs, args, deadline, timing)
+    while args.phase in ("sweep", "all"):  # a best rate at an edge of the sweep adds the next rung
+        more = [s for s in sweep_specs(load_results(Path(args.runs))) if s not in specs
+                and (not args.only or any(part in run_id(s) for part in args.only.split(",")))]
+        if not more or time.monotonic() + 1.2 * timing["longest_s"] >= deadline:
+            break
+        specs += more
+        drive(more, args, deadline, timing)
     if args.phase == "all":  # the final phase needs the sweep's best rates
         drive(final_specs(load_results(Path(args.runs))), args, deadline, timing)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import quality
 
+WHERE = {"weight": "GPU", "cpu": "CPU"}
 NAMES = {"full": "Full fine-tuning", "lora": "PEFT LoRA", "rosa": "ROSA", "base": "no fine-tuning"}
 
 
@@ -28,16 +29,16 @@ def _cell(results: dict, corpus: str, method: str, rank) -> dict | None:
             and r["spec"].get("rank") == rank and r["spec"]["lr"] == lr and not r["spec"].get("ablation")]
     ppl = [r["test_ppl"] for r in runs]
     seed0 = next(r for r in runs if r["spec"]["seed"] == 0)
-    swept = sorted(r["spec"]["lr"] for r in results.values() if r["spec"]["corpus"] == corpus
-                   and r["spec"]["method"] == method and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0
-                   and not r["spec"].get("ablation"))
-    return {"lr": lr, "lrs_swept": swept, "sweep_complete": swept == sorted(quality.LR_GRID[method]),
+    swept = sorted(r["spec"]["lr"] for r in quality._swept(results, corpus, method, rank))
+    return {"lr": lr, "lrs_swept": swept, "bracketed": swept[0] < lr < swept[-1]
+            and set(quality.LR_GRID[method]) <= set(swept),
             "ppl": statistics.mean(ppl), "ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
             "seeds": len(ppl), "val_loss": seed0["val_loss"], "params": seed0["trainable_params"],
             "tok_s": seed0.get("tok_s"),
             "tok_s_between_resamples": seed0["tokens"] / (seed0["train_s"] - seed0["resample_s"]) if "train_s" in seed0 else None,
             "peak_gib": seed0["peak_gib"], "curve": seed0["curve"],
-            "resample_s": seed0["resample_s"], "resamples": seed0["resamples"]}
+            "resample_s": seed0["resample_s"], "resamples": seed0["resamples"],
+            "factorize_device": seed0.get("factorize_device", "weight")}
 
 
 def summarize(results: dict) -> tuple[dict, dict]:
@@ -59,7 +60,8 @@ def summarize(results: dict) -> tuple[dict, dict]:
             flat[f"{prefix}ppl_{k}_std"] = cell["ppl_std"]
             flat[f"{prefix}ppl_{k}_seeds"] = cell["seeds"]
             flat[f"{prefix}lr_{k}"] = cell["lr"]
-            flat[f"{prefix}lr_{k}_sweep_complete"] = cell["sweep_complete"]
+            flat[f"{prefix}lr_{k}_bracketed"] = cell["bracketed"]
+            flat[f"{prefix}lrs_swept_{k}"] = cell["lrs_swept"]
             flat[f"{prefix}val_loss_{k}"] = cell["val_loss"]
             flat[f"{prefix}trainable_params_{k}"] = cell["params"]
             flat[f"{prefix}tok_s_{k}"] = cell["tok_s"]
@@ -73,12 +75,14 @@ def summarize(results: dict) -> tuple[dict, dict]:
             name = "_".join(f"{k}={v}" for k, v in sorted(ab.items()))
             flat[f"ablation_{name}_ppl"] = r["test_ppl"]
             flat[f"ablation_{name}_val_loss"] = r["val_loss"]
+            flat[f"ablation_{name}_resample_s"] = r["resample_s"] / r["resamples"] if r["resamples"] else 0.0
+            flat[f"ablation_{name}_factorize_device"] = r.get("factorize_device", "weight")
     return flat, cells
 
 
 def owed(results: dict) -> list[str]:
     """Run ids of the study's plan that have no result yet."""
-    planned = quality.sweep_specs() + quality.final_specs(results)
+    planned = quality.sweep_specs(results) + quality.final_specs(results)
     return [quality.run_id(s) for s in planned if quality.run_id(s) not in results]
 
 
@@ -99,16 +103,32 @@ def markdown(flat: dict, cells: dict, missing: list[str], setup: dict) -> str:
             lines.append(f"| no fine-tuning | 0 | - | - | {flat[prefix + 'ppl_base']:.2f} | - | - | - | - |")
         for (method, rank), c in rows.items():
             name = NAMES[method] + (f" r={rank}" if rank else "")
-            lr = f"{c['lr']:g}" + ("" if c["sweep_complete"] else " (partial sweep)")
-            ppl = f"{c['ppl']:.2f}" + (f" ± {c['ppl_std']:.2f}" if c["seeds"] > 1 else "")
+            lr = f"{c['lr']:g}" + ("" if c["bracketed"] else " (edge of sweep)")
+            std = f"{c['ppl_std']:.2f}" if c["ppl_std"] >= 0.01 else f"{c['ppl_std']:.3f}"
+            ppl = f"{c['ppl']:.2f}" + (f" ± {std}" if c["seeds"] > 1 else "")
             per = f"{c['resample_s'] / c['resamples']:.1f}" if c["resamples"] else "-"
             lines.append(f"| {name} | {c['params'] / 1e6:.2f}M | {lr} | {c['val_loss']:.4f} | {ppl} | {c['seeds']} | "
                          f"{c['tok_s'] or 0:,.0f} | {c['tok_s_between_resamples'] or 0:,.0f} | {per} |")
         lines.append("")
-    ablations = sorted(k for k in flat if k.startswith("ablation_") and k.endswith("_ppl"))
-    if ablations:
-        lines += ["## Ablations (Austen, ROSA r=16)", "", "| change | test PPL |", "|---|---|"]
-        lines += [f"| {k[9:-4]} | {flat[k]:.2f} |" for k in ablations]
+    ablations = sorted(k[:-4] for k in flat if k.startswith("ablation_") and k.endswith("_ppl"))
+    base = cells.get("austen", {}).get(("rosa", 16))
+    if ablations and base:
+        defaults = ", ".join(f"{k}={v}" for k, v in quality.ROSA_DEFAULTS.items())
+        lines += ["## Ablations (Austen, ROSA r=16, one seed each)", "",
+                  f"Each row changes one thing from the defaults ({defaults}) at lr {base['lr']:g}. The "
+                  f"defaults' spread over {base['seeds']} seeds (std {base['ppl_std']:.2f}) is the noise level.", "",
+                  "Seconds per resample are those of a run sharing the machine with 5-7 others, decomposing on "
+                  "the shared GPU or on 2 CPU threads of its own (`factorize_device`).", "",
+                  "| change | test PPL | vs defaults | val loss | s per resample | decomposed on |",
+                  "|---|---|---|---|---|---|",
+                  f"| none (defaults, {base['seeds']} seeds) | {base['ppl']:.2f} ± {base['ppl_std']:.2f} | - | "
+                  f"{base['val_loss']:.4f} | {base['resample_s'] / max(1, base['resamples']):.1f} | "
+                  f"{WHERE[base['factorize_device']]} |"]
+        for k in sorted(ablations, key=lambda k: flat[k + "_ppl"]):
+            per = flat[k + "_resample_s"]
+            lines.append(f"| {k[9:]} | {flat[k + '_ppl']:.2f} | {flat[k + '_ppl'] - base['ppl']:+.2f} | "
+                         f"{flat[k + '_val_loss']:.4f} | {f'{per:.1f}' if per else '-'} | "
+                         f"{WHERE[flat[k + '_factorize_device']] if per else '-'} |")
         lines.append("")
     if missing:
         lines += [f"## Owed: {len(missing)} planned runs have no result yet", "",
@@ -140,7 +160,7 @@ def plot(cells: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", help="folder of per-run JSON files from bench/quality.py")
-    parser.add_argument("--out", required=True, help="output path prefix, e.g. bench/results/quality-2026-11-28")
+    parser.add_argument("--out", required=True, help="output path prefix, e.g. bench/results/quality-2026-11-29")
     args = parser.parse_args()
     results = quality.load_results(Path(args.runs))
     if not results:

@@ -100,13 +100,13 @@ def test_report_picks_validation_best_averages_seeds_and_lists_owed(tmp_path):
     flat, cells = quality_report.summarize(results)
     assert flat["lr_rosa_r16"] == 1e-3 and flat["ppl_rosa_r16"] == 21.0  # mean of two seeds at the val-best lr
     assert flat["ppl_rosa_r16_seeds"] == 2 and abs(flat["ppl_rosa_r16_std"] - 2 ** 0.5) < 1e-9
-    assert flat["lr_rosa_r16_sweep_complete"] is False  # 3e-4 never ran
+    assert flat["lr_rosa_r16_bracketed"] is False  # 3e-4 never ran
     assert flat["tok_s_between_resamples_rosa_r16"] == 100.0
     missing = quality_report.owed(results)
     assert "austen_rosa-r16_lr0.0003_s0" in missing and "austen_rosa-r16_lr0.001_s1" not in missing
     assert "austen_rosa-r16_lr0.001_s2" in missing  # a headline seed still owed
     text = quality_report.markdown(flat, cells, missing, {"steps": 5, "batch": 2, "seq": 10, "tokens": 100})
-    assert "| ROSA r=16 | 0.00M | 0.001 (partial sweep) |" in text and "21.00 ± 1.41" in text
+    assert "| ROSA r=16 | 0.00M | 0.001 (edge of sweep) |" in text and "21.00 ± 1.41" in text
 
 
 def test_missing_inputs_give_one_line_and_write_nothing(tmp_path):
@@ -115,3 +115,29 @@ def test_missing_inputs_give_one_line_and_write_nothing(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"quality.py: error: --data: {tmp_path / 'none.pt'} not found"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_extends_past_an_edge_until_the_best_rate_is_bracketed():
+    def result(lr, val):
+        spec = {"corpus": "stdlib", "method": "lora", "rank": 64, "lr": lr, "seed": 0}
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "finite": True}
+
+    def planned(results):
+        return sorted(s["lr"] for s in quality.sweep_specs(results)
+                      if s["corpus"] == "stdlib" and s["method"] == "lora" and s["rank"] == 64)
+
+    assert planned({}) == [3e-4, 1e-3, 3e-3]
+    results = dict([result(3e-4, 2.0), result(1e-3, 2.5)])
+    assert planned(results) == [3e-4, 1e-3, 3e-3]  # the grid is not finished: no extension yet
+    results.update([result(3e-3, 2.9)])
+    assert planned(results) == [1e-4, 3e-4, 1e-3, 3e-3]  # best at the low edge: one rung lower
+    results.update([result(1e-4, 1.9)])
+    assert planned(results) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]  # still at the edge: one more
+    results.update([result(3e-5, 2.1)])
+    assert planned(results) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]  # bracketed: the sweep is done
+    assert quality.best_lr(results, "stdlib", "lora", 64) == 1e-4
+    results.update([result(1e-2, float("nan"))])
+    results[next(k for k in results if "lr0.01_" in k)]["finite"] = False  # diverged: tried, never best
+    del results[quality.run_id({"corpus": "stdlib", "method": "lora", "rank": 64, "lr": 3e-5, "seed": 0})]
+    results[next(k for k in results if "lr0.0001" in k)]["val_loss"] = 3.0
+    assert planned(results) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # 3e-4 best and inside: nothing new
