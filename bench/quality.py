@@ -227,41 +227,74 @@ def best_lr(results: dict[str, dict], corpus: str, method: str, rank) -> float |
     return min(cands, key=lambda r: r["val_loss"])["spec"]["lr"] if cands else None
 
 
-def final_specs(results: dict[str, dict]) -> list[dict]:
+def sweep_settled(results: dict[str, dict], corpus: str, method: str, rank) -> bool:
+    """Whether every rate the sweep plans for this cell (grid and edge rungs) has a result."""
+    done = {r["spec"]["lr"] for r in _swept(results, corpus, method, rank)}
+    return set(LR_GRID[method] + edge_extension(results, corpus, method, rank)) <= done
+
+
+def final_specs(results: dict[str, dict], settled_only: bool = False) -> list[dict]:
+    """Seeds 1 and 2 of the headline rows and the ablations, at their sweep's best rate.
+    ``settled_only``: only for cells whose sweep is finished (the rate can no longer change)."""
+    def ready(corpus, method, rank):
+        return best_lr(results, corpus, method, rank) is not None and (
+            not settled_only or sweep_settled(results, corpus, method, rank))
+
     specs = []
     for corpus in CORPORA:
         for method, rank in HEADLINE:
-            lr = best_lr(results, corpus, method, rank)
-            if lr is not None:
+            if ready(corpus, method, rank):
+                lr = best_lr(results, corpus, method, rank)
                 specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": s} for s in (1, 2)]
-    lr = best_lr(results, "austen", "rosa", 16)
-    if lr is not None:
+    if ready("austen", "rosa", 16):
+        lr = best_lr(results, "austen", "rosa", 16)
         specs += [{"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": 0, "ablation": a}
                   for a in ABLATIONS]
     return specs
 
 
-def drive(specs: list[dict], args, deadline: float, timing: dict) -> None:
-    """Hand runs to ``--workers`` processes per GPU until done or out of budget.
+def plan(phase: str, results: dict[str, dict], only: str | None = None) -> list[dict]:
+    """The runs a phase wants given the results so far: ``sweep`` (grid + edge rungs), ``final``,
+    or ``all`` (the sweep, plus the final runs of every cell whose sweep is settled)."""
+    specs = sweep_specs(results) if phase in ("sweep", "all", "list") else []
+    if phase in ("final", "list"):
+        specs += final_specs(results)
+    elif phase == "all":
+        specs += final_specs(results, settled_only=True)
+    if only:
+        specs = [s for s in specs if any(part in run_id(s) for part in only.split(","))]
+    return specs
 
-    A run starts only if the longest run seen so far (``timing``, kept across phases) would end
-    before ``deadline``."""
+
+def drive(phase: str, args, deadline: float, timing: dict) -> None:
+    """Hand runs to ``--workers`` processes per GPU until the phase's plan is done or the budget is.
+
+    The plan is recomputed from the result files whenever a worker is free, so a finished sweep
+    run can add an edge rung or release its cell's seeds while other runs are still going. A run
+    starts only if the longest run seen so far (``timing``) would end before ``deadline``."""
     import torch
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in specs if not (runs / f"{run_id(s)}.json").exists()]
     gpus = max(1, torch.cuda.device_count())
     slots = args.workers * gpus
-    print(f"{len(todo)} runs to do ({len(specs) - len(todo)} done), {slots} workers on {gpus} GPUs", flush=True)
-    pending = {}
+    pending, started = {}, set()
+
+    def todo() -> list[dict]:
+        return [s for s in plan(phase, load_results(runs), args.only)
+                if run_id(s) not in started and not (runs / f"{run_id(s)}.json").exists()]
+
+    waiting = todo()
+    print(f"{len(waiting)} runs to do now ({len(load_results(runs))} done), {slots} workers on {gpus} GPUs",
+          flush=True)
     free = list(range(slots))
     pools = [ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_pin, initargs=(i % gpus,))
              for i in range(slots)]
     try:
-        while todo or pending:
-            while todo and free and time.monotonic() + 1.2 * timing["longest_s"] < deadline:
-                slot, spec = free.pop(), todo.pop(0)
+        while True:
+            while waiting and free and time.monotonic() + 1.2 * timing["longest_s"] < deadline:
+                slot, spec = free.pop(), waiting.pop(0)
+                started.add(run_id(spec))
                 fut = pools[slot].submit(train_one, spec, args.data, args.model, str(runs), args.steps, args.batch,
                                          args.seq, args.eval_every, args.warmup, args.factorize_device)
                 pending[fut] = (slot, spec, time.monotonic())
@@ -278,8 +311,9 @@ def drive(specs: list[dict], args, deadline: float, timing: dict) -> None:
                           f"{r.get('tok_s', 0):.0f} tok/s {r['wall_s']:.0f} s", flush=True)
                 except Exception as err:  # one failed run must not stop the study; it is reported
                     print(f"FAILED {run_id(spec)}: {type(err).__name__}: {err}", flush=True)
-        if todo:
-            print(f"budget reached: {len(todo)} runs left for a later call", flush=True)
+            waiting = todo()
+        if waiting:
+            print(f"budget reached: {len(waiting)} runs left for a later call", flush=True)
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -318,26 +352,10 @@ def main() -> None:
         for what, path in (("--data", Path(args.data)), ("--model", Path(args.model) / "config.json")):
             if not path.is_file():
                 raise SystemExit(f"quality.py: error: {what}: {path} not found")
-    specs = sweep_specs(load_results(Path(args.runs))) if args.phase in ("sweep", "all", "list") else []
-    if args.phase in ("final", "list"):
-        specs += final_specs(load_results(Path(args.runs)))
-    if args.only:
-        specs = [s for s in specs if any(part in run_id(s) for part in args.only.split(","))]
     if args.phase == "list":
-        print("\n".join(run_id(s) for s in specs))
+        print("\n".join(run_id(s) for s in plan("list", load_results(Path(args.runs)), args.only)))
         return
-    deadline = time.monotonic() + args.budget_s
-    timing = {"longest_s": args.expect_s}
-    drive(specs, args, deadline, timing)
-    while args.phase in ("sweep", "all"):  # a best rate at an edge of the sweep adds the next rung
-        more = [s for s in sweep_specs(load_results(Path(args.runs))) if s not in specs
-                and (not args.only or any(part in run_id(s) for part in args.only.split(",")))]
-        if not more or time.monotonic() + 1.2 * timing["longest_s"] >= deadline:
-            break
-        specs += more
-        drive(more, args, deadline, timing)
-    if args.phase == "all":  # the final phase needs the sweep's best rates
-        drive(final_specs(load_results(Path(args.runs))), args, deadline, timing)
+    drive(args.phase, args, time.monotonic() + args.budget_s, {"longest_s": args.expect_s})
 
 
 if __name__ == "__main__":

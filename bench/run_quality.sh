@@ -10,6 +10,8 @@
 #     bash bench/run_quality.sh convert && bash bench/run_quality.sh run all 420
 #   later calls, carrying .carry/quality_data.pt:
 #     bash bench/run_quality.sh run all 540 [--only TEXT,...]
+# `all` keeps every worker busy: sweep runs, edge rungs, and the seeds and ablations of every cell
+# whose sweep is settled. A call that ends early (rc 124) keeps the runs that finished.
 # Each run call leaves $OUT/quality-runs.tgz (every finished run so far); unpack it into
 # bench/results/quality-runs-2026-11-28/ (QUALITY_DONE: runs found there are never redone) and run
 # bench/quality_report.py on that folder.
@@ -48,11 +50,13 @@ _convert(Path('/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$MODEL'))" 2>&
     mkdir -p runs/quality
     # runs already measured (committed) are not run again: the driver skips ids with a result file
     for f in "${QUALITY_DONE:-bench/results/quality-runs-2026-11-28}"/*.json; do
-      [ -e "$f" ] && cp -n "$f" runs/quality/
+      [ -e "$f" ] && [ ! -e "runs/quality/${f##*/}" ] && cp "$f" runs/quality/ || true
     done
     status=0
-    python3 bench/quality.py "$phase" --data "$CARRY/quality_data.pt" --model "$MODEL" --runs runs/quality \
-      --budget-s "$budget" --expect-s 220 "$@" 2>&1 | grep --line-buffered -v "Warning\|Loading weights\|warnings.warn" \
+    # 6 runs share the GPU; each decomposes on 2 CPU threads of its own (a SmolLM2 resample: 10-13 s
+    # there against 36-38 s on the shared GPU, bench/results/svd-speed-2026-11-29.md)
+    OMP_NUM_THREADS=2 python3 bench/quality.py "$phase" --data "$CARRY/quality_data.pt" --model "$MODEL" \
+      --runs runs/quality --budget-s "$budget" --expect-s 240 --factorize-device cpu "$@" 2>&1 | grep --line-buffered -v "Warning\|Loading weights\|warnings.warn" \
       || status=$?
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/quality-runs.tgz" -C runs quality; fi
     exit $status ;;

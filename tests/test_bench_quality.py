@@ -83,7 +83,10 @@ def test_driver_skips_finished_runs(setup, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "1 runs to do" in first.stdout and (runs / "austen_base_lr0_s0.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert "0 runs to do (1 done)" in again.stdout
+    assert "0 runs to do now (1 done)" in again.stdout
+    cmd[cmd.index("sweep")] = "all"  # the same plan through the phase that mixes sweep and final runs
+    mixed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert mixed.returncode == 0 and "0 runs to do now (1 done)" in mixed.stdout, mixed.stderr[-2000:]
 
 
 def test_report_picks_validation_best_averages_seeds_and_lists_owed(tmp_path):
@@ -141,3 +144,23 @@ def test_sweep_extends_past_an_edge_until_the_best_rate_is_bracketed():
     del results[quality.run_id({"corpus": "stdlib", "method": "lora", "rank": 64, "lr": 3e-5, "seed": 0})]
     results[next(k for k in results if "lr0.0001" in k)]["val_loss"] = 3.0
     assert planned(results) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # 3e-4 best and inside: nothing new
+
+
+def test_all_phase_releases_a_cells_seeds_once_its_sweep_is_settled():
+    def result(corpus, method, rank, lr, val):
+        spec = {"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": 0}
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "finite": True}
+
+    # austen ROSA r=16: best rate inside its grid (settled); stdlib LoRA r=16: best at the low edge
+    results = dict([result("austen", "rosa", 16, 3e-4, 3.2), result("austen", "rosa", 16, 1e-3, 3.1),
+                    result("austen", "rosa", 16, 3e-3, 3.3), result("stdlib", "lora", 16, 3e-4, 2.2),
+                    result("stdlib", "lora", 16, 1e-3, 2.3), result("stdlib", "lora", 16, 3e-3, 2.6)])
+    ids = {quality.run_id(s) for s in quality.plan("all", results)}
+    assert "austen_rosa-r16_lr0.001_s1" in ids and "austen_rosa-r16_lr0.001_s0_factorizer=eigh" in ids
+    assert "stdlib_lora-r16_lr0.0001_s0" in ids  # the edge rung is planned ...
+    assert not any(i.startswith("stdlib_lora-r16") and i.endswith(("_s1", "_s2")) for i in ids)  # ... seeds wait
+    assert "stdlib_lora-r16_lr0.0003_s1" in {quality.run_id(s) for s in quality.plan("final", results)}
+    results.update([result("stdlib", "lora", 16, 1e-4, 2.25)])  # the rung is worse: 3e-4 is bracketed
+    ids = {quality.run_id(s) for s in quality.plan("all", results, only="stdlib_lora-r16")}
+    assert ids >= {"stdlib_lora-r16_lr0.0003_s1", "stdlib_lora-r16_lr0.0003_s2"}
+    assert all(i.startswith("stdlib_lora-r16") for i in ids)
