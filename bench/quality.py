@@ -195,7 +195,8 @@ def sweep_specs(results: dict[str, dict] | None = None) -> list[dict]:
     return specs
 
 
-def _swept(results: dict[str, dict], corpus: str, method: str, rank) -> list[dict]:
+def swept_runs(results: dict[str, dict], corpus: str, method: str, rank) -> list[dict]:
+    """The sweep's runs of one cell: seed 0, default options."""
     return [r for r in results.values() if r["spec"]["corpus"] == corpus and r["spec"]["method"] == method
             and r["spec"].get("rank") == rank and r["spec"]["seed"] == 0 and not r["spec"].get("ablation")]
 
@@ -204,7 +205,7 @@ def edge_extension(results: dict[str, dict], corpus: str, method: str, rank) -> 
     """Rates beyond the grid that the sweep tried or now owes: while the best rate is the lowest
     (highest) one tried, the next lower (higher) rung of ``LR_LADDER`` is added, so a chosen rate
     is always bracketed by a worse one on each side."""
-    tried = sorted({r["spec"]["lr"] for r in _swept(results, corpus, method, rank)})
+    tried = sorted({r["spec"]["lr"] for r in swept_runs(results, corpus, method, rank)})
     extra = [lr for lr in tried if lr not in LR_GRID[method]]
     best = best_lr(results, corpus, method, rank)
     if best is None or not set(LR_GRID[method]) <= set(tried):
@@ -223,13 +224,13 @@ def load_results(runs: Path) -> dict[str, dict]:
 
 def best_lr(results: dict[str, dict], corpus: str, method: str, rank) -> float | None:
     """The sweep's rate with the lowest final validation loss (seed 0, default options)."""
-    cands = [r for r in _swept(results, corpus, method, rank) if r["finite"]]
+    cands = [r for r in swept_runs(results, corpus, method, rank) if r["finite"]]
     return min(cands, key=lambda r: r["val_loss"])["spec"]["lr"] if cands else None
 
 
 def sweep_settled(results: dict[str, dict], corpus: str, method: str, rank) -> bool:
     """Whether every rate the sweep plans for this cell (grid and edge rungs) has a result."""
-    done = {r["spec"]["lr"] for r in _swept(results, corpus, method, rank)}
+    done = {r["spec"]["lr"] for r in swept_runs(results, corpus, method, rank)}
     return set(LR_GRID[method] + edge_extension(results, corpus, method, rank)) <= done
 
 

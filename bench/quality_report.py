@@ -29,7 +29,7 @@ def _cell(results: dict, corpus: str, method: str, rank) -> dict | None:
             and r["spec"].get("rank") == rank and r["spec"]["lr"] == lr and not r["spec"].get("ablation")]
     ppl = [r["test_ppl"] for r in runs]
     seed0 = next(r for r in runs if r["spec"]["seed"] == 0)
-    swept = sorted(r["spec"]["lr"] for r in quality._swept(results, corpus, method, rank))
+    swept = sorted(r["spec"]["lr"] for r in quality.swept_runs(results, corpus, method, rank))
     return {"lr": lr, "lrs_swept": swept, "bracketed": swept[0] < lr < swept[-1]
             and set(quality.LR_GRID[method]) <= set(swept),
             "ppl": statistics.mean(ppl), "ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,

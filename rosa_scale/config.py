@@ -37,8 +37,9 @@ class RosaConfig:
     'svd' (exact singular vectors) or 'qr' (a random orthogonal subspace, cheapest).
     Measured: bench/results/quality-*.md (ablations), bench/results/svd-speed-*.md."""
     factorize_device: Literal["weight", "cpu"] = "weight"
-    """Where each matrix is decomposed: on the weight's device, or on CPU (LAPACK beats cuSOLVER
-    on small matrices, most of all on a GPU busy with other work: bench/results/svd-speed-*.md)."""
+    """Where each matrix is decomposed: on the weight's device, or on CPU. An idle GPU is faster;
+    the CPU wins when the GPU is shared with other work (a SmolLM2 resample: 10-13 s on 2 CPU
+    threads against 36-38 s on an H200 running 6-7 jobs; bench/results/svd-speed-*.md)."""
     sampling: Literal["random", "random-subset", "top", "bottom"] = "random"
     """Which singular triplets to train: a random contiguous window, a random subset,
     the largest or the smallest."""
@@ -226,6 +227,15 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:
+    """Every field against its declared type (as a YAML file is checked), then the rank rules; a
+    RosaConfig built in Python gets the same one-line errors as a config file."""
+    hints = typing.get_type_hints(RosaConfig)
+    for f in dataclasses.fields(RosaConfig):
+        value = getattr(rosa, f.name)
+        try:
+            _coerce(value, hints[f.name])
+        except TypeError:
+            raise ConfigError(f"config key '{prefix}{f.name}' must be {_type_name(hints[f.name])}, got {value!r}") from None
     rank = rosa.rank
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise ConfigError(f"config key '{prefix}rank' must be an int or a fraction in (0, 1), got {rank!r}")

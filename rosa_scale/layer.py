@@ -116,6 +116,7 @@ def resplit_values(w_param: torch.Tensor, up: torch.Tensor, down: torch.Tensor, 
         w = w.cpu()
     w_fixed, new_up, new_down = split(w, rank, method=config.method, sampling=config.sampling, generator=generator,
                                       overwrite=True)  # w is our own fresh merge
-    w_fixed, new_up, new_down = (t.to(w_param.device) for t in (w_fixed, new_up, new_down))
     w_fixed = round_to(w_fixed, w_param.dtype, stochastic=config.stochastic_rounding, generator=generator)
-    return (w_fixed.T.contiguous() if transposed else w_fixed), new_up.to(up.dtype), new_down.to(down.dtype)
+    w_fixed = w_fixed.T.contiguous() if transposed else w_fixed
+    # back where the parameters live (a no-op unless factorized elsewhere), already in storage dtypes
+    return w_fixed.to(w_param.device), new_up.to(up.device, up.dtype), new_down.to(down.device, down.dtype)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from rosa_scale.config import ConfigError, RosaConfig, TrainConfig, load_config, rosa_config
 
@@ -56,3 +57,15 @@ def test_demo_config_is_the_default():
 
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "demo.yaml")
     assert demo == TrainConfig()
+
+
+@pytest.mark.parametrize("field,value", [("factorize_device", "gpu"), ("method", "bad"), ("fixed_dtype", "fp8")])
+def test_a_rosa_config_built_in_python_is_checked_like_a_file(field, value):
+    from rosa_scale import RosaConfig, apply_rosa
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(vocab_size=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=f"config key '{field}' must be .*got '{value}'"):
+        apply_rosa(model, RosaConfig(rank=2, **{field: value}))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing changed
