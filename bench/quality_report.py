@@ -14,6 +14,7 @@ from pathlib import Path
 import quality
 
 WHERE = {"weight": "GPU", "cpu": "CPU"}
+ABLATED = ("austen", "rosa", 16)
 NAMES = {"full": "Full fine-tuning", "lora": "PEFT LoRA", "rosa": "ROSA", "base": "no fine-tuning"}
 
 
@@ -72,11 +73,15 @@ def summarize(results: dict) -> tuple[dict, dict]:
     for r in results.values():
         ab = r["spec"].get("ablation")
         if ab:
+            spec = r["spec"]
+            cell = (spec["corpus"], spec["method"], spec.get("rank"))
             name = "_".join(f"{k}={v}" for k, v in sorted(ab.items()))
-            flat[f"ablation_{name}_ppl"] = r["test_ppl"]
-            flat[f"ablation_{name}_val_loss"] = r["val_loss"]
-            flat[f"ablation_{name}_resample_s"] = r["resample_s"] / r["resamples"] if r["resamples"] else 0.0
-            flat[f"ablation_{name}_factorize_device"] = r.get("factorize_device", "weight")
+            # the ablation grid is Austen ROSA r=16; a probe of another cell names its cell
+            key = f"ablation_{name}" if cell == ABLATED else f"probe_{cell[0]}_{_key(*cell[1:])}_{name}"
+            flat[f"{key}_ppl"] = r["test_ppl"]
+            flat[f"{key}_val_loss"] = r["val_loss"]
+            flat[f"{key}_resample_s"] = r["resample_s"] / r["resamples"] if r["resamples"] else 0.0
+            flat[f"{key}_factorize_device"] = r.get("factorize_device", "weight")
     return flat, cells
 
 
@@ -129,6 +134,20 @@ def markdown(flat: dict, cells: dict, missing: list[str], setup: dict) -> str:
             lines.append(f"| {k[9:]} | {flat[k + '_ppl']:.2f} | {flat[k + '_ppl'] - base['ppl']:+.2f} | "
                          f"{flat[k + '_val_loss']:.4f} | {f'{per:.1f}' if per else '-'} | "
                          f"{WHERE[flat[k + '_factorize_device']] if per else '-'} |")
+        lines.append("")
+    for (corpus, method, rank), _ in quality.PROBES[:1]:
+        cell = cells.get(corpus, {}).get((method, rank))
+        prefix = f"probe_{corpus}_{_key(method, rank)}_"
+        probes = sorted(k[:-4] for k in flat if k.startswith(prefix) and k.endswith("_ppl"))
+        if not (cell and probes):
+            continue
+        lines += [f"## Probes ({corpus}, {NAMES[method]} r={rank}, one seed each)", "",
+                  f"Each row changes one thing from the defaults at lr {cell['lr']:g}.", "",
+                  "| change | test PPL | vs defaults | val loss |", "|---|---|---|---|",
+                  f"| none (defaults, {cell['seeds']} seed) | {cell['ppl']:.2f} | - | {cell['val_loss']:.4f} |"]
+        for k in sorted(probes, key=lambda k: flat[k + "_ppl"]):
+            lines.append(f"| {k[len(prefix):]} | {flat[k + '_ppl']:.2f} | {flat[k + '_ppl'] - cell['ppl']:+.2f} | "
+                         f"{flat[k + '_val_loss']:.4f} |")
         lines.append("")
     if missing:
         lines += [f"## Owed: {len(missing)} planned runs have no result yet", "",
