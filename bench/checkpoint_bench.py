@@ -6,13 +6,12 @@ Every rank builds the model (random bf16 weights), wraps it with ROSA, shards it
 first split and one optimizer step (so there is optimizer state to save). Then it times
 `rosa_scale.checkpoint.save_checkpoint` and `load_checkpoint` (max over ranks), leaves the process
 group, and rank 0 runs `rosa-consolidate` on the checkpoint as a child process, reporting its
-seconds and peak host memory. CPU smoke check: `--device cpu --tiny` (gloo).
+seconds and peak host memory (measured apart from the rank's own: `bench/peak_rss.py`).
+CPU smoke check: `--device cpu --tiny` (gloo).
 """
 from __future__ import annotations
 
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import fsdp2_bench as fb  # noqa: E402
+from bench.peak_rss import run_measured  # noqa: E402
 
 fb.LOG_NAME = "checkpoint_bench"
 
@@ -74,10 +74,10 @@ def main(argv=None) -> int:
         return 0
     out = scratch / "hf"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rosa_scale.consolidate", str(path), str(out), "--dtype", args.dtype,
-                           "--no-progress"], capture_output=True, text=True)
+    proc, peak_mib = run_measured([sys.executable, "-m", "rosa_scale.consolidate", str(path), str(out),
+                                   "--dtype", args.dtype, "--no-progress"])
     result["consolidate_s"] = time.perf_counter() - start
-    result["consolidate_peak_host_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    result["consolidate_peak_host_gib"] = peak_mib / 1024
     result["consolidate_rc"] = proc.returncode
     if proc.returncode != 0:
         result["consolidate_error"] = proc.stderr[-3000:]

@@ -20,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           MixtralForCausalLM)
 
 import rosa_scale.consolidate as consolidate_mod
+from bench.peak_rss import run_measured
 from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, rosa_layers
 from rosa_scale.checkpoint import save_checkpoint
 from rosa_scale.consolidate import main
@@ -358,17 +359,12 @@ def test_console_script_exit_code_and_single_line(tmp_path):
 
 # --------------------------------------------------------------------------- memory
 
-_PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
-
-
 def _peak_rss_mb(*args) -> float:
     """Peak RSS (MiB) of the installed rosa-consolidate script, measured by a parent that runs only it."""
     script = Path(sys.executable).parent / "rosa-consolidate"
-    proc = subprocess.run([sys.executable, "-c", _PEAK, str(script), *map(str, args), "--no-progress"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc, peak_mib = run_measured([str(script), *map(str, args), "--no-progress"], env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return int(proc.stdout.split()[-1]) / 1024
+    return peak_mib
 
 
 @pytest.mark.slow
