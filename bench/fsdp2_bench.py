@@ -299,6 +299,10 @@ def source_id() -> dict:
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip() or None
+        changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rosa_scale", "bench"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if head and changed:  # a copied tree whose .git is older than its files: HEAD alone would mislead
+            head += "+changes"
     except (OSError, subprocess.SubprocessError):
         head = None
     return {"git_head": head, "rosa_scale_src_sha256": digest.hexdigest()[:16]}
