@@ -1,5 +1,6 @@
 # Shared by the ZeRO-3 run scripts (sourced): environment, a time budget, and `run CAP NAME CMD...`
-# which runs one benchmark under min(CAP, what is left of BUDGET) seconds. Expects OUTDIR, BUDGET.
+# which runs one benchmark under min(CAP, what is left of BUDGET) seconds. Expects OUTDIR, BUDGET;
+# NPROC (default 2) is the number of processes (GPUs) per run.
 set -uo pipefail
 BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$OUTDIR"
@@ -21,5 +22,5 @@ run() {  # CAP NAME COMMAND...: run COMMAND under a timeout of min(CAP, time lef
 }
 device_report
 python3 -c 'import torch, transformers, peft, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__, "gpus", torch.cuda.device_count())' 2>&1 | grep -v Warning
-TR="python3 -m torch.distributed.run --standalone --nproc_per_node 2"
+TR="python3 -m torch.distributed.run --standalone --nproc_per_node ${NPROC:-2}"
 Z="$TR bench/zero3_bench.py --append --watchdog 150 --out $OUTDIR/zero3.json $BENCH_ARGS"
