@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Issue #4 follow-up on 2 H200s: is ROSA >= 2x PEFT LoRA when both fetch decoder layers whole, and
-# how much of the gap to FSDP2 is the re-gathering of persisted params (persistence threshold)?
+# Issue #4 follow-up on 2 H200s, in two calls of under 10 minutes:
+#   a: is ROSA >= 2x PEFT LoRA when both fetch decoder layers whole, and how much of the gap to FSDP2
+#      is the re-gathering of persisted params (persistence threshold)?
+#   b: on one GPU ZeRO-3 with leaf layers reaches 0.91x FSDP2 (bench/results/zero3-2026-11-29-1gpu.md),
+#      so the rest of the 2-GPU gap is communication: does fetching further ahead (prefetch bucket,
+#      live parameters) close it?
 # On nvidia-h200-x2, carrying the DeepSpeed wheels in .whl/ (see the previous run scripts):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PWD || exit; set -o pipefail; bash bench/run_zero3_tuning.sh $OUT 2>&1 | tee $OUT/log.txt
+#     && export PYTHONPATH=/tmp/site:$PWD || exit; set -o pipefail; bash bench/run_zero3_tuning.sh $OUT a 2>&1 | tee $OUT/log.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-bench/results/raw}
@@ -14,8 +18,18 @@ one() {  # NAME CAP ARGS...: one zero3_bench.py process, its own JSON
   run "$cap" "$name" $TR bench/zero3_bench.py --watchdog $(( cap - 20 )) --out "$OUTDIR/zero3-$name.json" --methods "" \
     $BENCH_ARGS "$@"
 }
-one lora-leaf 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer
-one rosa-leaf-p1e5 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e5
-one rosa-leaf-p1e6 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e6
-one lora-leaf-p1e5 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e5
+case "${2:-a}" in
+  a)
+    one lora-leaf 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer
+    one rosa-leaf-p1e5 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e5
+    one rosa-leaf-p1e6 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e6
+    one lora-leaf-p1e5 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer --persistence-threshold 1e5 ;;
+  b)
+    one rosa-leaf-prefetch2e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer \
+      --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
+    one rosa-leaf-prefetch1e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=1e9
+    one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer  # the same call's reference
+    run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS ;;
+  *) echo "usage: $0 OUTDIR a|b" >&2; exit 2 ;;
+esac
 exit $status

@@ -54,6 +54,9 @@ def extra_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leaf-modules", default="",
                    help="comma-separated class names made ZeRO-3 leaf modules (zero_optimization.leaf_module): "
                         "hooks and fetches per such module, none inside (e.g. LlamaDecoderLayer); not used on 2026-11-28")
+    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set zero_optimization.KEY to VALUE (JSON) in the config, e.g. stage3_prefetch_bucket_size=1e9; "
+                        "repeatable")
     p.add_argument("--watchdog", type=float, default=0, help="seconds per phase before rank 0 saves and exits (0: off)")
 
 
@@ -88,6 +91,11 @@ def ds_config(args, dev: torch.device, offload: bool) -> dict:
         cfg["zero_optimization"]["leaf_module"] = {"classes": [c for c in args.leaf_modules.split(",") if c]}
     if args.persistence_threshold is not None:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
+    for item in args.ds_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"zero3_bench: error: --ds-set {item!r}: expected KEY=VALUE")
+        cfg["zero_optimization"][key] = json.loads(value)
     return cfg
 
 
