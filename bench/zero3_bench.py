@@ -221,6 +221,21 @@ def count_step(engine, opt, args, dev: torch.device) -> dict:
             "allgather_gib_optimizer_step": step.bytes / GIB}
 
 
+def count_trace_invalidations(opt) -> dict:
+    """A counter of DeepSpeed dropping its recorded module order. Prefetching runs only on a complete
+    trace; a model whose module order changes between steps loses it, and DeepSpeed says so only with
+    ``log_trace_cache_warnings``. Any count above 0 over the timed steps means fetches were not overlapped."""
+    coordinator = opt.parameter_offload.get_param_coordinator()
+    counter, invalidate = {"n": 0}, coordinator._invalidate_trace
+
+    def counted():
+        counter["n"] += 1
+        return invalidate()
+
+    coordinator._invalidate_trace = counted
+    return counter
+
+
 def build(mode: str, args, dev: torch.device):
     """The wrapped model (not yet partitioned) and the trainable parameters, for ``mode``."""
     model = build_model(args, dev)
@@ -284,11 +299,13 @@ def run_mode(mode: str, args, dev: torch.device, result: dict, dog: Watchdog) ->
     step_args = copy.copy(args)
     if offload:
         step_args.warmup, step_args.steps = args.offload_warmup, args.offload_steps
+    invalidations = count_trace_invalidations(opt)
     stats = time_steps(engine, opt, step_args, dev, step=ds_step)
     result.update({f"{mode}_{k}": v for k, v in stats.items()})
+    result[f"{mode}_trace_invalidations"] = invalidations["n"]
     result[f"{mode}_timed_steps"], result[f"{mode}_warmup_steps"] = step_args.steps, step_args.warmup
     log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
-        f"peak {fmt(stats['peak_gib'])} GiB")
+        f"peak {fmt(stats['peak_gib'])} GiB, module trace dropped {invalidations['n']} times")
     write(result, args.out)
     if not offload:  # one more (untimed, steady-state) step with counters; offload steps are too slow
         result.update({f"{mode}_{k}": v for k, v in count_step(engine, opt, step_args, dev).items()})
