@@ -177,7 +177,8 @@ def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
     times = all_max(times, dev)
     peak = all_max([gib_allocated(dev, peak=True)], dev)[0]
     step = statistics.median(times)
-    return {"tok_s_per_gpu": args.batch * args.seq / step, "step_s": step, "peak_gib": peak}
+    return {"tok_s_per_gpu": args.batch * args.seq / step, "step_s": step, "peak_gib": peak,
+            "step_s_each": [round(t, 4) for t in times]}  # to tell a slow machine from one slow step
 
 
 def setup_frozen(args, dev: torch.device) -> tuple:
