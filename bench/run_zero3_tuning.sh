@@ -4,7 +4,7 @@
 #      is the re-gathering of persisted params (persistence threshold)?
 #   b: on one GPU ZeRO-3 with leaf layers reaches 0.91x FSDP2 (bench/results/zero3-2026-11-29-1gpu.md),
 #      so the rest of the 2-GPU gap is communication: does fetching further ahead (prefetch bucket,
-#      live parameters) close it?
+#      live parameters), or DeepSpeed's fast fetch of leaf modules, close it?
 # On nvidia-h200-x2, carrying the DeepSpeed wheels in .whl/ (see the previous run scripts):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD || exit; set -o pipefail; bash bench/run_zero3_tuning.sh $OUT a 2>&1 | tee $OUT/log.txt
@@ -28,6 +28,9 @@ case "${2:-a}" in
     one rosa-leaf-prefetch2e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer \
       --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
     one rosa-leaf-prefetch1e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=1e9
+    # DeepSpeed's own leaf choice: granularity = params / modules below; a ROSA decoder layer is ~1.1e7,
+    # its parts less, and modules over 1e9 params never qualify: 2e7 picks the layers, with its fast leaf fetch
+    one rosa-granularity2e7 130 --modes rosa_zero3 --ds-set stage3_module_granularity_threshold=2e7
     one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer  # the same call's reference
     run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS ;;
   *) echo "usage: $0 OUTDIR a|b" >&2; exit 2 ;;

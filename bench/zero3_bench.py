@@ -239,7 +239,8 @@ def count_trace_invalidations(opt) -> dict:
 def build(mode: str, args, dev: torch.device):
     """The wrapped model (not yet partitioned) and the trainable parameters, for ``mode``."""
     model = build_model(args, dev)
-    if args.leaf_modules:  # a leaf layer re-fetches its params in backward only if its input requires grad
+    leaves = args.leaf_modules or any(i.startswith("stage3_module_granularity_threshold=") for i in args.ds_set)
+    if leaves:  # a leaf layer re-fetches its params in backward only if its input requires grad
         model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
     if mode == "frozen_zero3":  # activation grads still flow (as fsdp2_bench's frozen mode); one tiny
         model.requires_grad_(False)  # trainable param so DeepSpeed has an optimizer to build
