@@ -150,6 +150,9 @@ def train(cfg: TrainConfig) -> dict:
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
     if deepspeed and cfg.zero3_leaf_layers:
         _make_decoder_layers_zero3_leaves(model)
+    elif deepspeed and float(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+                             .get("stage3_module_granularity_threshold") or 0) > 0:
+        model.enable_input_require_grads()  # DeepSpeed picks leaf modules itself: same need as above
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

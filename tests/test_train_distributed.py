@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,53 @@ def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, leaf, single_
     one = load_file(single_run / "merged" / "model.safetensors")
     other = load_file(out / "merged" / "model.safetensors")
     assert one.keys() == other.keys()
+    for name in one:
+        torch.testing.assert_close(other[name], one[name], rtol=0, atol=5e-4, msg=name)
+
+
+def _granularities(module, out: dict) -> tuple[int, int]:
+    """DeepSpeed's module granularity (``stage3_module_granularity_threshold``): params // (modules with
+    params below, itself included); containers and modules without children never become leaves."""
+    if not list(module.parameters()):
+        return 0, 0
+    params = sum(p.numel() for p in module.parameters(recurse=False))
+    if not any(module.children()):
+        return 1, params
+    layers = 0
+    for child in module.children():
+        child_layers, child_params = _granularities(child, out)
+        layers, params = layers + child_layers, params + child_params
+    if type(module).__name__ in torch.nn.modules.container.__all__:
+        return layers, params
+    out[module] = params // (layers + 1)
+    return layers + 1, params
+
+
+@pytest.mark.slow
+def test_zero3_leaves_chosen_by_deepspeed_train(single_run, tiny_model_dir, tiny_data, tmp_path):
+    """With ``zero3_leaf_layers: false`` and DeepSpeed choosing leaf modules by granularity, the
+    decoder layers become leaves all the same; their weights are fetched for backward only if the
+    embedding output requires grad, which rosa-train must then arrange (else backward fails)."""
+    from transformers import AutoModelForCausalLM
+
+    from rosa_scale import RosaConfig, apply_rosa
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_rosa(model, RosaConfig(rank=4), split=False)
+    grains: dict = {}
+    _granularities(model, grains)
+    layer = max(g for m, g in grains.items() if type(m).__name__ == "LlamaDecoderLayer")
+    assert grains[model] > layer and grains[model.model] > layer  # only the layers (and their parts) qualify
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["stage3_module_granularity_threshold"] = layer
+    ds = tmp_path / "zero3-granularity.json"
+    ds.write_text(json.dumps(config))
+    out = tmp_path / "z3"
+    args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", "false"]
+    proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, args, ["--deepspeed_config_file", str(ds)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(single_run / "merged" / "model.safetensors")
+    other = load_file(out / "merged" / "model.safetensors")
     for name in one:
         torch.testing.assert_close(other[name], one[name], rtol=0, atol=5e-4, msg=name)
 
