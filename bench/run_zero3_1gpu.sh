@@ -9,15 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-bench/results/raw}
 BUDGET=${BUDGET:-420}
-NPROC=1
+NPROC=1 PREFIX=1gpu-
 source bench/zero3_run_lib.sh
-z3() {  # NAME ARGS...: one zero3_bench.py process, its own JSON
-  local name=$1; shift
-  run 100 "$name" $TR bench/zero3_bench.py --watchdog 85 --out "$OUTDIR/zero3-1gpu-$name.json" --methods "" \
-    $BENCH_ARGS "$@"
-}
 run 120 fsdp2 $TR bench/fsdp2_bench.py --modes peft_lora,rosa --methods "" --out "$OUTDIR/zero3-1gpu-fsdp2.json" $BENCH_ARGS
-z3 rosa-leaf --modes rosa_zero3 --leaf-modules LlamaDecoderLayer
-z3 lora-leaf --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer
-z3 rosa --modes rosa_zero3
+one rosa-leaf 105 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer
+one lora-leaf 105 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer
+one rosa 105 --modes rosa_zero3
 exit $status

@@ -13,11 +13,6 @@ cd "$(dirname "$0")/.."
 OUTDIR=${1:-bench/results/raw}
 BUDGET=${BUDGET:-540}
 source bench/zero3_run_lib.sh
-one() {  # NAME CAP ARGS...: one zero3_bench.py process, its own JSON
-  local name=$1 cap=$2; shift 2
-  run "$cap" "$name" $TR bench/zero3_bench.py --watchdog $(( cap - 20 )) --out "$OUTDIR/zero3-$name.json" --methods "" \
-    $BENCH_ARGS "$@"
-}
 case "${2:-a}" in
   a)
     one lora-leaf 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer
@@ -30,7 +25,8 @@ case "${2:-a}" in
     one rosa-leaf-prefetch1e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=1e9
     # DeepSpeed's own leaf choice: granularity = params / modules below; a ROSA decoder layer is ~1.1e7,
     # its parts less, and modules over 1e9 params never qualify: 2e7 picks the layers, with its fast leaf fetch
-    one rosa-granularity2e7 130 --modes rosa_zero3 --ds-set stage3_module_granularity_threshold=2e7
+    # (on --tiny, GRANULARITY=1e4 does; 2e7 makes the whole model one leaf there, which DeepSpeed cannot train)
+    one rosa-granularity 130 --modes rosa_zero3 --ds-set stage3_module_granularity_threshold=${GRANULARITY:-2e7}
     one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer  # the same call's reference
     run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS ;;
   *) echo "usage: $0 OUTDIR a|b" >&2; exit 2 ;;

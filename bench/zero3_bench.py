@@ -54,10 +54,21 @@ def extra_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leaf-modules", default="",
                    help="comma-separated class names made ZeRO-3 leaf modules (zero_optimization.leaf_module): "
                         "hooks and fetches per such module, none inside (e.g. LlamaDecoderLayer); not used on 2026-11-28")
-    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE", type=_zero_setting,
                    help="set zero_optimization.KEY to VALUE (JSON) in the config, e.g. stage3_prefetch_bucket_size=1e9; "
                         "repeatable")
     p.add_argument("--watchdog", type=float, default=0, help="seconds per phase before rank 0 saves and exits (0: off)")
+
+
+def _zero_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--ds-set``, the value read as JSON (numbers such as 1e9 included)."""
+    key, sep, value = text.partition("=")
+    try:
+        if not (sep and key):
+            raise ValueError("expected KEY=VALUE")
+        return key, json.loads(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,11 +102,7 @@ def ds_config(args, dev: torch.device, offload: bool) -> dict:
         cfg["zero_optimization"]["leaf_module"] = {"classes": [c for c in args.leaf_modules.split(",") if c]}
     if args.persistence_threshold is not None:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
-    for item in args.ds_set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"zero3_bench: error: --ds-set {item!r}: expected KEY=VALUE")
-        cfg["zero_optimization"][key] = json.loads(value)
+    cfg["zero_optimization"].update(args.ds_set)
     return cfg
 
 
@@ -239,8 +246,8 @@ def count_trace_invalidations(opt) -> dict:
 def build(mode: str, args, dev: torch.device):
     """The wrapped model (not yet partitioned) and the trainable parameters, for ``mode``."""
     model = build_model(args, dev)
-    leaves = args.leaf_modules or any(i.startswith("stage3_module_granularity_threshold=") for i in args.ds_set)
-    if leaves:  # a leaf layer re-fetches its params in backward only if its input requires grad
+    if args.leaf_modules or dict(args.ds_set).get("stage3_module_granularity_threshold"):
+        # a leaf layer (named, or chosen by DeepSpeed) re-fetches its params in backward only if its input requires grad
         model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
     if mode == "frozen_zero3":  # activation grads still flow (as fsdp2_bench's frozen mode); one tiny
         model.requires_grad_(False)  # trainable param so DeepSpeed has an optimizer to build

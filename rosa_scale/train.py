@@ -95,16 +95,19 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     return steps_per_epoch if cfg.resample_every == "epoch" else cfg.resample_every
 
 
-def _make_decoder_layers_zero3_leaves(model) -> None:
+def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
     """ZeRO-3 fetches a whole decoder layer at once instead of hooking each of its modules (measured
-    1.8x faster on a Llama-3-8B shape). A leaf layer's weights are fetched again in backward only
-    when its input requires grad, so the embedding output is made to require it."""
+    1.8x faster on a Llama-3-8B shape), if ``decoder_layers``; DeepSpeed may also pick leaf modules
+    itself (``stage3_module_granularity_threshold``). A leaf's weights are fetched again in backward
+    only when its input requires grad, so in either case the embedding output is made to require it."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    names = set(getattr(model, "_no_split_modules", None) or []) if decoder_layers else set()
     classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
     if classes:
         set_z3_leaf_modules(model, classes)
+    threshold = zero_config.get("stage3_module_granularity_threshold")
+    if classes or (isinstance(threshold, (int, float)) and threshold > 0):
         model.enable_input_require_grads()
 
 
@@ -148,11 +151,9 @@ def train(cfg: TrainConfig) -> dict:
     own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
-    if deepspeed and cfg.zero3_leaf_layers:
-        _make_decoder_layers_zero3_leaves(model)
-    elif deepspeed and float(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-                             .get("stage3_module_granularity_threshold") or 0) > 0:
-        model.enable_input_require_grads()  # DeepSpeed picks leaf modules itself: same need as above
+    if deepspeed:
+        _zero3_leaves(model, cfg.zero3_leaf_layers,
+                      accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
