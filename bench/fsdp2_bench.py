@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
+from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
 MODES = ("frozen", "peft_lora", "rosa")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,7 +41,7 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
 
     Other benchmarks reuse it with their own ``modes``, default ``methods`` and ``extra(parser)`` arguments.
     """
-    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    p = Parser(description=description or __doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file written by rank 0")
     p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(modes))
     p.add_argument("--methods", default=methods, help="factorizers to time in rosa mode (slowest last)")

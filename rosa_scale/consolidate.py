@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import Parser
 from .factorize import merge
 from .layer import is_linear, linear_shape
 
@@ -630,11 +631,6 @@ def consolidate(ckpt: str | Path, out: str | Path, dtype: str = "auto", max_shar
 
 # --------------------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def _shard_size(text: str) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 
@@ -645,7 +641,7 @@ def _shard_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Merge a ROSA training checkpoint into one plain Hugging Face model "
+    parser = Parser(prog=PROG, description="Merge a ROSA training checkpoint into one plain Hugging Face model "
                                             "folder (safetensors), streaming tensor by tensor.")
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="a checkpoint folder, a checkpoints/ folder or a run's output_dir "

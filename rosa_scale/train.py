@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .data import DataError, build_datasets
 from .engines import engine_for
@@ -38,13 +39,8 @@ from .schedule import lr_factor
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rosa-train", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="rosa-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of config keys (command-line options override it)")
     defaults = to_dict(TrainConfig())
     for key, tp, doc in cli_fields():
