@@ -101,7 +101,7 @@ def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
                "--main_process_port", str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out),
-               "--mixed-precision", "bf16", "--save-every", "10", *extra]
+               "--mixed-precision", "bf16", "--save-every", "10", "--keep-last", "null", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads((out / "summary.json").read_text())

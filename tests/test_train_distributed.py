@@ -123,6 +123,7 @@ def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, leaf, single_
     seen = json.loads((out / "summary.json").read_text())
     assert seen["distributed_type"] == "DEEPSPEED" and seen["engine"] == "zero3"
     assert seen["num_processes"] == seen["world_size"] == 2
+    assert seen["zero3_fast_leaf_fetch"] is (leaf == "true")  # named leaves take DeepSpeed's fast fetch
     one = load_file(single_run / "merged" / "model.safetensors")
     other = load_file(out / "merged" / "model.safetensors")
     assert one.keys() == other.keys()
@@ -171,6 +172,7 @@ def test_zero3_leaves_chosen_by_deepspeed_train(single_run, tiny_model_dir, tiny
     args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", "false"]
     proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, args, ["--deepspeed_config_file", str(ds)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["zero3_fast_leaf_fetch"] is True
     one = load_file(single_run / "merged" / "model.safetensors")
     other = load_file(out / "merged" / "model.safetensors")
     for name in one:
