@@ -32,14 +32,15 @@ case "${2:-a}" in
   c)
     # b found DeepSpeed's own leaf choice (granularity 2e7) 1.13x faster than the same layers named as leaves:
     # any threshold > 0 also turns on its fast fetch of leaf modules. A threshold of 1 picks no module itself,
-    # so named leaves + threshold 1 should be as fast, on any model size (2e7 only picks 8B-sized layers).
-    one rosa-leaf-fast 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_module_granularity_threshold=1
-    one lora-leaf-fast 130 --modes peft_lora_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_module_granularity_threshold=1
-    one rosa-leaf-fast-prefetch2e9 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer \
-      --ds-set stage3_module_granularity_threshold=1 --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
-    one rosa-granularity 130 --modes rosa_zero3 --ds-set stage3_module_granularity_threshold=${GRANULARITY:-2e7}
-    one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer
-    run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS ;;
+    # so named leaves + threshold 1 (rosa-train's default since) should be as fast, on any model size.
+    L="--leaf-modules LlamaDecoderLayer --ds-set stage3_module_granularity_threshold=1"
+    one rosa-leaf-fast 130 --modes rosa_zero3 $L
+    one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer  # the same call's reference
+    run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS
+    one rosa-leaf-fast-prefetch2e9 130 --modes rosa_zero3 $L \
+      --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
+    one lora-leaf-fast 130 --modes peft_lora_zero3 $L
+    one rosa-offload-leaf-fast 200 --modes rosa_zero3_offload $L ;;
   *) echo "usage: $0 OUTDIR a|b|c" >&2; exit 2 ;;
 esac
 exit $status
