@@ -108,6 +108,7 @@ def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
 
     straight = launch(tmp_path / "straight")
     assert straight["distributed_type"] == "DEEPSPEED" and straight["engine"] == "zero3"
+    assert straight["zero3_fast_leaf_fetch"] is True
     assert straight["eval_loss_after"] < straight["eval_loss_before"] - 0.5
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
