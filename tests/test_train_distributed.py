@@ -109,15 +109,18 @@ def _accelerate_run(config, out, args, extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config,leaf", [("configs/deepspeed/zero3.json", "true"),
-                                             ("configs/deepspeed/zero3_offload.json", "true"),
-                                             ("configs/deepspeed/zero3.json", "false")])
-def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, leaf, single_run, tiny_model_dir, tiny_data,
-                                                        tmp_path):
+@pytest.mark.parametrize("ds_config,leaf,checkpointing", [("configs/deepspeed/zero3.json", "true", "false"),
+                                                           ("configs/deepspeed/zero3_offload.json", "true", "true"),
+                                                           ("configs/deepspeed/zero3.json", "false", "false")])
+def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, leaf, checkpointing, single_run, tiny_model_dir,
+                                                        tiny_data, tmp_path):
     """Both shipped DeepSpeed configs (16-bit gather on save on and off; offload) through accelerate,
-    with decoder layers fetched whole (leaf modules, the default) and module by module."""
+    with decoder layers fetched whole (leaf modules, the default, on DeepSpeed's fast path) and module
+    by module; offload with gradient checkpointing as configs/train's ZeRO-3 config runs it, so leaf
+    layers are fetched again for the recompute in backward."""
     out = tmp_path / "z3"
-    args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", leaf]
+    args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", leaf,
+            "--gradient-checkpointing", checkpointing]
     proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, args, ["--deepspeed_config_file", ds_config])
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads((out / "summary.json").read_text())
