@@ -118,7 +118,11 @@ def _quiet_granularity_warning() -> None:
     """DeepSpeed warns that a threshold of 1 picks no module; that is the intent here."""
     from deepspeed.utils import logger
 
-    logger.addFilter(lambda record: not record.getMessage().startswith("The smallest module granularity"))
+    logger.addFilter(_not_granularity_warning)  # the same function each time: added once
+
+
+def _not_granularity_warning(record) -> bool:
+    return not record.getMessage().startswith("The smallest module granularity")
 
 
 def _zero3_fast_leaf_fetch(model) -> bool | None:
