@@ -31,11 +31,12 @@ case "${2:-a}" in
     run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS ;;
   c)
     # b found DeepSpeed's own leaf choice (granularity 2e7) 1.13x faster than the same layers named as leaves:
-    # any threshold > 0 also turns on its fast fetch of leaf modules. A threshold of 1 picks no module itself,
-    # so named leaves + threshold 1 (rosa-train's default since) should be as fast, on any model size.
+    # any threshold > 0 also turns on its fast fetch of leaf modules. A threshold of 1 picks no module itself, so
+    # rosa-train now names the leaves and sets it to 1; configs/deepspeed/zero3.json prefetches 1e9 (was 5e8).
+    # The new default against the old one, in one call:
     L="--leaf-modules LlamaDecoderLayer --ds-set stage3_module_granularity_threshold=1"
     one rosa-leaf-fast 130 --modes rosa_zero3 $L
-    one rosa-leaf 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer  # the same call's reference
+    one rosa-leaf-old 130 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=5e8
     run 120 fsdp2 $TR bench/fsdp2_bench.py --modes rosa --methods "" --out "$OUTDIR/zero3-tuning-fsdp2.json" $BENCH_ARGS
     one rosa-leaf-fast-prefetch2e9 130 --modes rosa_zero3 $L \
       --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
