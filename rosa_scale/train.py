@@ -101,27 +101,21 @@ def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
     only when that threshold is above 0 (1.13x on 2 H200s); for named leaves it is set to 1, a value
     under every module's granularity, so DeepSpeed adds no leaves of its own. ``zero_config`` is the
     dict DeepSpeed is initialized with, and a threshold the user set is kept."""
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import logger, set_z3_leaf_modules
 
     names = set(getattr(model, "_no_split_modules", None) or []) if decoder_layers else set()
     classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
     if classes:
         set_z3_leaf_modules(model, classes)
         zero_config.setdefault("stage3_module_granularity_threshold", 1)
-        _quiet_granularity_warning()
+        logger.addFilter(_not_granularity_warning)  # the same function each time: added once
     threshold = zero_config.get("stage3_module_granularity_threshold")
     if classes or (isinstance(threshold, (int, float)) and threshold > 0):
         model.enable_input_require_grads()
 
 
-def _quiet_granularity_warning() -> None:
-    """DeepSpeed warns that a threshold of 1 picks no module; that is the intent here."""
-    from deepspeed.utils import logger
-
-    logger.addFilter(_not_granularity_warning)  # the same function each time: added once
-
-
 def _not_granularity_warning(record) -> bool:
+    """DeepSpeed warns that a threshold of 1 picks no module; that is the intent here."""
     return not record.getMessage().startswith("The smallest module granularity")
 
 
