@@ -42,6 +42,14 @@ case "${2:-a}" in
       --ds-set stage3_prefetch_bucket_size=2e9 --ds-set stage3_max_live_parameters=4e9
     one lora-leaf-fast 130 --modes peft_lora_zero3 $L
     one rosa-offload-leaf-fast 200 --modes rosa_zero3_offload $L ;;
-  *) echo "usage: $0 OUTDIR a|b|c" >&2; exit 2 ;;
+  ab)
+    # c's first two runs, interleaved REPEATS times (default 3) for a machine whose step times drift
+    # (one lent H200 ranged 0.39-0.71 s within a run): NPROC=1 PREFIX=1gpu- BENCH_ARGS="--steps 30" on one GPU.
+    for i in $(seq 1 "${REPEATS:-3}"); do
+      one "rosa-leaf-fast-$i" 110 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer \
+        --ds-set stage3_module_granularity_threshold=1
+      one "rosa-leaf-old-$i" 110 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=5e8
+    done ;;
+  *) echo "usage: $0 OUTDIR a|b|c|ab" >&2; exit 2 ;;
 esac
 exit $status
