@@ -59,6 +59,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gc-every", type=int, default=0,
+                   help="automatic garbage collection off; a young-generation collection every N timed steps (0: Python's own)")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
@@ -168,13 +170,21 @@ def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
+    every = getattr(args, "gc_every", 0)
+    if every:  # a collection pause lands inside one step, at a different time on every rank
+        gc.collect()
+        gc.disable()
     for i in range(args.warmup + args.steps):
         sync(dev)
         start = time.perf_counter()
         step(model, opt, ids)
+        if every and (i + 1) % every == 0:
+            gc.collect(1)
         sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    if every:
+        gc.enable()
     times = all_max(times, dev)
     peak = all_max([gib_allocated(dev, peak=True)], dev)[0]
     step = statistics.median(times)
@@ -322,6 +332,7 @@ def header(args, dev: torch.device) -> dict:
         "seq": args.seq, "batch_per_gpu": args.batch, "rank": args.rank, "layers": args.layers,
         "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "gc_every": args.gc_every,
         "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
     }

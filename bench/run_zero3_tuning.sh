@@ -50,6 +50,14 @@ case "${2:-a}" in
         --ds-set stage3_module_granularity_threshold=1
       one "rosa-leaf-old-$i" 110 --modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_prefetch_bucket_size=5e8
     done ;;
-  *) echo "usage: $0 OUTDIR a|b|c|ab" >&2; exit 2 ;;
+  gc)
+    # ab left ZeRO-3's steps ranging 0.38-0.66 s on one H200 while FSDP2's stayed within 0.35-0.39 s: is it
+    # Python's garbage collector pausing inside DeepSpeed's hooks? The new default with and without it, interleaved.
+    L="--modes rosa_zero3 --leaf-modules LlamaDecoderLayer --ds-set stage3_module_granularity_threshold=1"
+    for i in $(seq 1 "${REPEATS:-2}"); do
+      one "rosa-leaf-fast-gc10-$i" 110 $L --gc-every 10
+      one "rosa-leaf-fast-$i" 110 $L
+    done ;;
+  *) echo "usage: $0 OUTDIR a|b|c|ab|gc" >&2; exit 2 ;;
 esac
 exit $status
