@@ -73,6 +73,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     bad = [m for m in args.modes if m not in modes]
     if bad:
         p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(modes)}")
+    if args.gc_every < 0:
+        p.error(f"--gc-every {args.gc_every}: must be 0 (off) or a number of steps")
     return args
 
 
@@ -170,7 +172,7 @@ def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    every = getattr(args, "gc_every", 0)
+    every = args.gc_every
     if every:  # a collection pause lands inside one step, at a different time on every rank
         gc.collect()
         gc.disable()
