@@ -25,6 +25,7 @@ from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .data import DataError, build_datasets
 from .engines import engine_for
+from . import launcher_link
 from .export import save_merged
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
@@ -333,9 +334,11 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "rosa-train"
+    launcher_link.register()
     try:
         cfg = parse_config(argv)
         if train(cfg).get("preempted"):
+            launcher_link.mark_resumable()
             return RESUMABLE_EXIT
     except USER_ERRORS as err:
         if os.environ.get("ROSA_SCALE_DEBUG"):
