@@ -117,6 +117,15 @@ class TrainConfig:
     """Checkpoints to keep (older ones are deleted); null keeps all."""
     resume: Union[str, None] = None
     """Continue from a checkpoint: 'auto' (the newest in output_dir, if any) or a path."""
+    resume_override: list[str] = field(default_factory=list)
+    """Config keys a resume may change although they alter the training (e.g. [lr]); any other such
+    change is refused. Evaluation, logging, saving, paths and a larger max_steps may always change."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run's checkpoints, deleting its checkpoints,
+    metrics and merged model (without it, such a run is refused unless it resumes)."""
+    max_skipped_steps: int = 0
+    """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops;
+    0 stops at the first. Not available under DeepSpeed ZeRO-3, which updates inside backward."""
     save_merged: bool = True
     """Write the merged model (plain architecture, safetensors) to <output_dir>/merged."""
     rosa: RosaConfig = field(default_factory=RosaConfig)
@@ -220,7 +229,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'epochs' must be > 0, got {cfg.epochs}")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"config key 'eval_fraction' must be in (0, 1), got {cfg.eval_fraction}")
-    for key in ("warmup_steps", "rewarm_steps"):
+    for key in ("warmup_steps", "rewarm_steps", "max_skipped_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     validate_rosa(cfg.rosa, prefix="rosa.")

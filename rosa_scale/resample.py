@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .engines import engine_for
+from .guard import check_layers
 from .model import adapter_parameters, rosa_layers, rosa_state
 
 
@@ -22,6 +23,8 @@ def resample(model: nn.Module, optimizer=None, *, index: int | None = None) -> f
 
     ``index`` defaults to one past the model's latest split. The model's function is unchanged.
     Every process of a distributed run must call this together. Returns the seconds it took.
+    Non-finite weights or factors are refused (``guard.DivergedError`` naming the module) before
+    anything is folded, so they never reach the frozen weights.
     """
     model = unwrap(model)
     state = rosa_state(model)
@@ -29,7 +32,9 @@ def resample(model: nn.Module, optimizer=None, *, index: int | None = None) -> f
     cfg = state.config
     engine = engine_for(model)
     start = time.perf_counter()
-    engine.resplit(model, rosa_layers(model), index, cfg)
+    layers = rosa_layers(model)
+    check_layers(layers, f"resample {index}")
+    engine.resplit(model, layers, index, cfg)
     state.split_index = index
     if optimizer is not None:
         engine.reset_optimizer_state(optimizer, adapter_parameters(model))

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import typing
@@ -21,17 +22,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from . import launcher_link
+from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
+                         remove_leftovers, save_checkpoint)
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
+from .config_drift import check_resume_config
 from .data import DataError, build_datasets
 from .engines import engine_for
-from . import launcher_link
 from .export import save_merged
+from .guard import DIVERGED_EXIT, DivergedError, agree, check_layers, nonfinite, nonfinite_grads
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .model import adapter_parameters, apply_rosa, rosa_state
+from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
+from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
 from .schedule import lr_factor
 
@@ -126,8 +131,67 @@ def _zero3_fast_leaf_fetch(model) -> bool | None:
     return getattr(offload, "fast_sharding_for_leaf_module", None)
 
 
+def _from_main(value):
+    """Rank 0's ``value`` on every rank (a collective when distributed)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _claim_output_dir(out: Path, accelerator) -> OutputDirLock | None:
+    """Rank 0 takes the output directory's lock; every rank raises if it could not."""
+    lock, message = None, None
+    if accelerator.is_main_process:
+        lock = OutputDirLock(out)
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"rosa-train: {note}", file=sys.stderr)
+        except (OutputDirBusy, OSError) as err:
+            lock, message = None, str(err)
+    message = _from_main(message)
+    if message:
+        if lock is not None:
+            lock.release()
+        raise OutputDirBusy(message)
+    return lock
+
+
+def _clear_previous_run(out: Path) -> None:
+    """``overwrite_output_dir``: what another run left here goes before this one writes anything."""
+    for name in (FOLDER, "tensorboard", "merged"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _apply_overrides(overridden: list[str], cfg: TrainConfig, optimizer, scheduler) -> None:
+    """Overridden optimizer settings take effect although the checkpoint restored the old ones."""
+    if "lr" in overridden:
+        scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+        for group, factor in zip(optimizer.param_groups, [lam(scheduler.last_epoch) for lam in scheduler.lr_lambdas]):
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+    if "weight_decay" in overridden:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = cfg.weight_decay
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
+    watch = PreemptionWatch()  # from the start: a signal during set-up is honoured at the first check
+    held: list = []  # the output directory's lock and the metrics file, closed however the run ends
+    try:
+        return _train(cfg, watch, held)
+    finally:
+        watch.close()
+        for thing in reversed(held):
+            thing.close()
+
+
+def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
+    """The run itself: set-up, checks that refuse before anything is written, the loop, the end."""
     from accelerate import Accelerator
     from accelerate import skip_first_batches
     from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, set_seed
@@ -154,6 +218,23 @@ def train(cfg: TrainConfig) -> dict:
     if deepspeed and accelerator.state.deepspeed_plugin.zero_stage != 3:
         raise ConfigError(f"DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage} is not supported: "
                           "use stage 3 (configs/deepspeed/zero3.json), FSDP2 or DDP")
+    if deepspeed and cfg.max_skipped_steps:
+        raise ConfigError("config key 'max_skipped_steps' must be 0 under DeepSpeed ZeRO-3 (it updates the weights "
+                          "inside backward, before a step could be skipped)")
+    lock = _claim_output_dir(out, accelerator)
+    if lock is not None:
+        held.append(lock)
+
+    # What this run continues from, checked before any work: the same settings, or ones named as overrides.
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    overridden = check_resume_config(saved.get("config") if saved else None, cfg, str(resume_from))
+    previous = complete_checkpoints(out / FOLDER)
+    if resume_from is None and previous and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} holds another run's checkpoints (newest: {previous[-1].name}): continue "
+                          "it with --resume auto, start afresh with --overwrite-output-dir true (deletes them), or "
+                          "choose another --output-dir")
+
     with accelerator.main_process_first():  # the main process builds caches, the others reuse them
         model_path = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(model_path)
@@ -189,9 +270,14 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
     else:
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if deepspeed:
+        from .safe_load import protect_deepspeed_engine
+
+        protect_deepspeed_engine(model)  # its checkpoints are read without running code
     if split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
         resample(model, optimizer, index=0)
     module = model if own_fsdp else accelerator.unwrap_model(model)  # the plain model, for ROSA and saving
+    layers = rosa_layers(module)
     engine = engine_for(module).name
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
@@ -205,16 +291,18 @@ def train(cfg: TrainConfig) -> dict:
         lambda s: lr_factor(s, total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                             resample_every=every, rewarm_steps=cfg.rewarm_steps))
 
-    start_step, start_epoch, skip, resamples, eval_before = 0, 0, 0, 0, None
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    start_step, start_epoch, skip, resamples, eval_before, skipped = 0, 0, 0, 0, None, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, module=module, optimizer=torch_optimizer,
+        state = load_checkpoint(resume_from, model=model, module=module, optimizer=torch_optimizer, state=saved,
                                 expect={"engine": engine, "world_size": accelerator.num_processes})
         scheduler.load_state_dict(state["scheduler"])
+        _apply_overrides(overridden, cfg, torch_optimizer, scheduler)
         start_step, start_epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-        resamples, eval_before = state["resamples"], state["eval_loss_before"]
+        resamples, eval_before, skipped = state["resamples"], state["eval_loss_before"], state.get("skipped_steps", 0)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and cfg.overwrite_output_dir:
+            _clear_previous_run(out)
+        remove_leftovers(out / FOLDER)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 params look empty
     everything = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -227,44 +315,81 @@ def train(cfg: TrainConfig) -> dict:
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
         f"{total} steps, resample every {every or 'never'}")
+    if overridden:
+        say(f"rosa-train: resuming with new values of {', '.join(overridden)} (resume_override)")
 
-    metrics = MetricsWriter(out, enabled=accelerator.is_main_process)
+    metrics = MetricsWriter(out, enabled=accelerator.is_main_process,
+                            resumed_at=None if resume_from is None else start_step)
+    held.append(metrics)
     if resume_from is None:
         eval_before = evaluate(model, eval_loader, accelerator)
-        metrics.log(0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
-        say(f"held-out perplexity before: {math.exp(eval_before):.2f}")
+        metrics.log(0, eval_loss=eval_before, eval_ppl=_exp(eval_before))
+        say(f"held-out perplexity before: {_exp(eval_before):.2f}")
     else:
         say(f"resumed from {resume_from} at step {start_step} (resample {rosa_state(module).split_index})")
 
     def checkpoint(step: int, epoch: int, batches: int) -> None:
+        """Save (unless this step's checkpoint exists already); never with non-finite factors."""
+        if saved_step[0] == step:  # saved at this step already, or resumed from it here
+            return
+        check_layers(layers, f"saving the checkpoint of step {step}", base=False)
         if batches == len(train_loader):  # the epoch is done: resume at the next one
             epoch, batches = epoch + 1, 0
         save_checkpoint(out, step, model=model, module=module, optimizer=torch_optimizer, tokenizer=tokenizer,
                         keep_last=cfg.keep_last,
                         trainer_state={"epoch": epoch, "batches_in_epoch": batches, "resamples": resamples,
                                        "eval_loss_before": eval_before, "scheduler": scheduler.state_dict(),
-                                       "engine": engine, "model_dtype": cfg.model_dtype, "config": to_dict(cfg)})
+                                       "skipped_steps": skipped, "engine": engine, "model_dtype": cfg.model_dtype,
+                                       "config": to_dict(cfg)})
+        saved_step[0] = step
 
+    def stopped(step: int, epoch: int, batches: int) -> dict:
+        checkpoint(step, epoch, batches)
+        say(f"rosa-train: stopped by a signal at step {step}; checkpoint saved in {out / FOLDER}; "
+            "relaunch with --resume auto")
+        accelerator.end_training()
+        return {"steps": step, "preempted": True}
+
+    def diverged(what: str) -> DivergedError:
+        kept = complete_checkpoints(out / FOLDER)
+        where = (f"the last checkpoint ({kept[-1]}) is finite: continue from it with --resume auto, e.g. with "
+                 "--resume-override \"[lr]\" and a lower --lr" if kept else "no checkpoint was written")
+        return DivergedError(f"{what}; the run stopped without saving or exporting it ({where})")
+
+    saved_step = [start_step if resume_from is not None and resume_from.parent == out / FOLDER else None]
+    step, epoch, losses, tokens, clock = start_step, start_epoch, [], 0, time.perf_counter()
+    batches = skip
+    if watch.should_stop(accelerator.device):
+        return stopped(step, epoch, batches)
     bar = tqdm(total=total, initial=start_step, desc="rosa-train", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    step, epoch, losses, tokens, clock = start_step, start_epoch, [], 0, time.perf_counter()
-    watch, preempted = PreemptionWatch(), False
     model.train()
-    while step < total and not preempted:
+    while step < total:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         batches = skip  # micro-batches of this epoch consumed so far (a resume starts mid-epoch)
         loader = skip_first_batches(train_loader, skip) if skip else train_loader
         skip = 0
+        step_losses, loss_bad, stop, bad_loss, bad_grad = [], None, False, False, False
         for batch in loader:
             batches += 1
             with accelerator.accumulate(model):
                 ids = batch["input_ids"]
                 loss = model(input_ids=ids, labels=ids).loss
+                loss_bad = nonfinite(loss) if loss_bad is None else loss_bad | nonfinite(loss)
+                if deepspeed:  # DeepSpeed updates inside backward: decide before it
+                    stop, bad_loss = agree(accelerator.device, watch.requested, loss_bad)
+                    if bad_loss:
+                        metrics.log(step + 1, loss=None, nonfinite="loss")
+                        raise diverged(f"non-finite loss at step {step + 1}")
                 accelerator.backward(loss)
-                optimizer.step()
+                if accelerator.sync_gradients and not deepspeed:
+                    stop, bad_loss, bad_grad = agree(accelerator.device, watch.requested, loss_bad,
+                                                     nonfinite_grads(params))
+                if not (bad_loss or bad_grad):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            step_losses.append(loss.detach())
             tokens += ids.numel()
             if not accelerator.sync_gradients:
                 continue
@@ -273,7 +398,20 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             bar.update(1)
             record = {}
-            if step % cfg.log_every == 0 or step == total:
+            if bad_loss or bad_grad:
+                skipped += 1
+                what = f"non-finite {'loss' if bad_loss else 'gradient'} at step {step}"
+                record.update(loss=None, nonfinite="loss" if bad_loss else "gradient", skipped_steps=skipped)
+                if skipped > cfg.max_skipped_steps:
+                    metrics.log(step, **record)
+                    allowed = f" ({skipped - 1} skipped before, max_skipped_steps {cfg.max_skipped_steps})" \
+                        if cfg.max_skipped_steps else ""
+                    raise diverged(what + allowed)
+                say(f"rosa-train: {what}: step skipped ({skipped} of at most {cfg.max_skipped_steps})")
+            else:
+                losses.extend(step_losses)
+            step_losses, loss_bad, bad_loss, bad_grad = [], None, False, False
+            if (step % cfg.log_every == 0 or step == total) and losses:
                 mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
                 elapsed = time.perf_counter() - clock
                 record.update(loss=mean_loss, lr=lr, tokens_per_s=tokens * accelerator.num_processes / elapsed)
@@ -285,35 +423,40 @@ def train(cfg: TrainConfig) -> dict:
                 clock = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 record["eval_loss"] = evaluate(model, eval_loader, accelerator)
-                record["eval_ppl"] = math.exp(record["eval_loss"])
+                record["eval_ppl"] = _exp(record["eval_loss"])
                 clock = time.perf_counter()
             if record:
                 metrics.log(step, **record)
-            stop = watch.should_stop(accelerator.device)
-            if stop or (cfg.save_every and (step % cfg.save_every == 0 or step == total)):
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                 checkpoint(step, epoch, batches)
             if stop:
-                say(f"rosa-train: stopped by a signal at step {step}; checkpoint saved in {out / 'checkpoints'}; "
-                    "relaunch with --resume auto")
-                preempted = True
-                break
+                bar.close()
+                return stopped(step, epoch, batches)
             if step >= total:
                 break
-        epoch += 1
+        else:
+            epoch += 1
+            continue
+        if batches == len(train_loader):
+            epoch, batches = epoch + 1, 0
     bar.close()
-    watch.close()
-    if preempted:
-        metrics.close()
-        accelerator.end_training()
-        return {"steps": step, "preempted": True}
 
+    # The end: each phase may be cut short by a signal, which then leaves the checkpoint of this step.
+    if watch.should_stop(accelerator.device):
+        return stopped(step, epoch, batches)
     eval_after = evaluate(model, eval_loader, accelerator)
-    metrics.log(step, eval_loss=eval_after, eval_ppl=math.exp(eval_after))
-    say(f"held-out perplexity after {step} steps and {resamples} resamples: {math.exp(eval_after):.2f} "
-        f"(before: {math.exp(eval_before):.2f})")
-    summary = {"steps": step, "resamples": resamples, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
-               "eval_ppl_before": math.exp(eval_before), "eval_ppl_after": math.exp(eval_after), "merged": None}
+    metrics.log(step, eval_loss=eval_after, eval_ppl=_exp(eval_after))
+    say(f"held-out perplexity after {step} steps and {resamples} resamples: {_exp(eval_after):.2f} "
+        f"(before: {_exp(eval_before):.2f})")
+    if watch.should_stop(accelerator.device):
+        return stopped(step, epoch, batches)
+    if not math.isfinite(eval_after):
+        raise diverged(f"the held-out loss after step {step} is {eval_after}")
+    summary = {"steps": step, "resamples": resamples, "skipped_steps": skipped, "eval_loss_before": eval_before,
+               "eval_loss_after": eval_after, "eval_ppl_before": _exp(eval_before), "eval_ppl_after": _exp(eval_after),
+               "merged": None}
     if cfg.save_merged:
+        check_layers(layers, "exporting the merged model")
         accelerator.wait_for_everyone()
         folder = save_merged(module, tokenizer, out / "merged", DTYPES[cfg.model_dtype])
         if folder is not None:
@@ -326,10 +469,19 @@ def train(cfg: TrainConfig) -> dict:
                        num_processes=accelerator.num_processes,
                        world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    metrics.close()
+    if watch.should_stop(accelerator.device):
+        return stopped(step, epoch, batches)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _exp(loss: float) -> float:
+    """Perplexity; an overflow is inf, not an exception."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +497,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except DivergedError as err:
+        if os.environ.get("ROSA_SCALE_DEBUG"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return DIVERGED_EXIT
+    except OSError as err:  # the machine, not the input: a full disk, a lost mount
+        if os.environ.get("ROSA_SCALE_DEBUG"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,68 @@
+"""Which config changes a resume may take: the run continues exactly, or the user said otherwise.
+
+A resumed run restores the optimizer, scheduler, data position and random state of its checkpoint,
+so a changed learning rate, seed or batch size would either be silently ignored or silently change
+the results. Keys that only change what is observed or kept (evaluation, logging, save cadence,
+paths, memory-saving recomputation) may change freely, and so may a longer run; any other change is
+refused with one line naming each key and both values, unless the user names it in
+``resume_override``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError, TrainConfig, cli_fields, to_dict
+
+# Keys that never change what is trained.
+HARMLESS = {"eval_every", "max_eval_blocks", "log_every", "save_every", "keep_last", "output_dir", "resume",
+            "save_merged", "overwrite_output_dir", "resume_override", "max_skipped_steps",
+            "gradient_checkpointing", "zero3_leaf_layers"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:
+    if key in HARMLESS:
+        return True
+    if key == "max_steps":  # training longer continues the same run; the schedule stretches
+        return isinstance(old, int) and isinstance(new, int) and new > old
+    if key == "epochs":  # unused while max_steps is set; more epochs without it means a longer run
+        return (now.get("max_steps") is not None and before.get("max_steps") is not None) or new > old
+    if key in ("eval_dataset", "eval_fraction"):  # the held-out set only, unless it was cut from the data
+        return before.get("eval_dataset") is not None and now.get("eval_dataset") is not None
+    return False
+
+
+def changed_keys(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every key whose change would alter the training."""
+    before, now = _flat(saved), _flat(to_dict(cfg))
+    return [(k, before[k], now[k]) for k in now
+            if k in before and before[k] != now[k] and not _harmless(k, before[k], now[k], before, now)]
+
+
+def check_resume_config(saved: dict | None, cfg: TrainConfig, checkpoint: str) -> list[str]:
+    """Raise ``ConfigError`` for changes not named in ``cfg.resume_override``; returns the overridden
+    keys that did change (the run must then use their new values)."""
+    known = {key for key, _, _ in cli_fields()}
+    unknown = [k for k in cfg.resume_override if k not in known]
+    if unknown:
+        raise ConfigError(f"config key 'resume_override' names unknown keys: {', '.join(unknown)}")
+    if not saved:
+        return []
+    changes = changed_keys(saved, cfg)
+    refused = [(k, a, b) for k, a, b in changes if k not in cfg.resume_override]
+    if refused:
+        listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in refused)
+        names = ", ".join(k for k, _, _ in refused)
+        raise ConfigError(f"checkpoint {checkpoint} was trained with other settings ({listed}), which would change "
+                          f"the training: resume with the checkpoint's values, or add --resume-override "
+                          f"\"[{names}]\" to train on with the new ones")
+    return [k for k, _, _ in changes]
