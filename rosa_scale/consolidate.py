@@ -21,7 +21,11 @@ is merged. Only the sources of one output tensor (a ROSA layer's ``base.weight``
 
 Everything goes to a hidden sibling folder of OUT that is renamed into place at the end: on any
 error nothing is left at OUT, and an existing OUT (replaced only with ``--force``) stays as it
-was. Bad input gets one line ``rosa-consolidate: error: ...`` and exit status 2.
+was. OUT may not be, contain or lie inside the checkpoint, its ``checkpoints/`` folder or contain
+its run folder (``<run>/hf`` is fine): replacing it would delete the source. No file is unpickled
+beyond tensors and plain data (``rosa_scale.safe_load``): a crafted file is refused, not run. Bad
+input, a damaged or missing part included, gets one line ``rosa-consolidate: error: ...`` naming
+the file, and exit status 2.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ import shutil
 import struct
 import sys
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +44,11 @@ import torch
 from .cli import Parser
 from .factorize import merge
 from .layer import is_linear, linear_shape
+from .safe_load import (CorruptCheckpointError, UnsafeCheckpointError, check_dcp_files, dcp_load, read_dcp_metadata,
+                        torch_load)
 
 PROG = "rosa-consolidate"
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/step-XXXXXXXX
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_FILE = "trainer_state.json"
 MODEL_KEY = "model."  # the DCP state is {"model": model_state_dict, "optim": ...}, flattened
@@ -118,43 +124,19 @@ class DcpReader:
     """
 
     def __init__(self, folder: Path):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.folder = folder
-        if not (folder / ".metadata").is_file():
-            raise ConsolidateError(f"checkpoint incomplete: {folder} has no DCP .metadata file")
-        try:
-            metadata = FileSystemReader(str(folder)).read_metadata()
-        except Exception as err:  # a truncated pickle raises anything
-            raise ConsolidateError(f"checkpoint incomplete or corrupt: cannot read {folder / '.metadata'}: "
-                                   f"{_first_line(err)}") from None
-        needed: dict[str, int] = {}  # every data file the metadata points into, and its least size
-        for info in (metadata.storage_data or {}).values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        for name, size in sorted(needed.items()):
-            file = folder / name
-            if not file.is_file():
-                raise ConsolidateError(f"checkpoint incomplete: {file} is missing (the DCP metadata refers to it; "
-                                       "was it written by a rank that did not finish?)")
-            if file.stat().st_size < size:
-                raise ConsolidateError(f"checkpoint incomplete: {file} is truncated "
-                                       f"({file.stat().st_size} bytes, the metadata needs {size})")
+        self.metadata = read_dcp_metadata(folder)  # allowlisted: DCP's own read would run any pickled call
+        check_dcp_files(folder, self.metadata)
         self.tensors = {key[len(MODEL_KEY):]: (tuple(md.size), md.properties.dtype)
-                        for key, md in metadata.state_dict_metadata.items()
+                        for key, md in self.metadata.state_dict_metadata.items()
                         if key.startswith(MODEL_KEY) and isinstance(md, TensorStorageMetadata)}
         self.shared: dict[str, str] = {}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
         state = {MODEL_KEY + n: torch.empty(self.tensors[n][0], dtype=self.tensors[n][1]) for n in names}
-        try:
-            with warnings.catch_warnings():  # "torch.distributed is disabled ...": no process group is the plan
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-                dcp.load(state, checkpoint_id=str(self.folder), no_dist=True)
-        except Exception as err:
-            raise ConsolidateError(f"cannot read {', '.join(names)} from {self.folder}: {_first_line(err)}") from None
+        dcp_load(state, self.folder, no_dist=True, metadata=self.metadata)  # errors name the file
         return {n: state[MODEL_KEY + n] for n in names}
 
 
@@ -224,18 +206,22 @@ class ZeroReader:
             raise ConsolidateError(f"checkpoint corrupt: {folder} holds {available} trainable fp32 values per rank, "
                                    f"its parameter shapes need {offset}")
 
-    def _load(self, file: Path) -> dict:
-        try:
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as err:
-            raise ConsolidateError(f"checkpoint incomplete or corrupt: cannot read {file}: "
-                                   f"{_first_line(err)}") from None
+    def _load(self, file: Path, keys: tuple[str, ...]) -> dict:
+        """One rank file, memory-mapped, weights-only (no code from it runs); a dict with ``keys``."""
+        state = torch_load(file, map_location="cpu", mmap=True)
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ConsolidateError(f"checkpoint corrupt: {file} is not a DeepSpeed ZeRO-3 rank file "
+                                   f"(it lacks {', '.join(k for k in keys if not isinstance(state, dict) or k not in state)})")
+        return state
 
     def _open(self) -> None:
-        self._model_states = [self._load(f) for f in self.model_files]
+        self._model_states = [self._load(f, ("module",)) for f in self.model_files]
         self._flat_groups = []
         for file in self.optim_files:
-            state = self._load(file)[OPTIMIZER_STATE_DICT]
+            state = self._load(file, (OPTIMIZER_STATE_DICT,))[OPTIMIZER_STATE_DICT]
+            if not isinstance(state, dict) or not isinstance(state.get(FP32_FLAT_GROUPS), list) \
+                    or not all(isinstance(t, torch.Tensor) for t in state[FP32_FLAT_GROUPS]):
+                raise ConsolidateError(f"checkpoint corrupt: {file} holds no fp32 flat groups")
             stage, count = state.get(ZERO_STAGE), state.get(PARTITION_COUNT)
             count = max(count) if isinstance(count, list) else count
             if stage != 3:
@@ -586,12 +572,29 @@ def _check_out(out: Path, force: bool) -> None:
         raise ConsolidateError(f"{out} already exists and is not empty (--force replaces it)")
 
 
+def _check_not_the_source(out: Path, folder: Path) -> None:
+    """OUT must not be, contain or lie inside the checkpoint or its ``checkpoints/`` folder, nor be or
+    contain its run folder: with --force that would delete the source. Real paths are compared (symlinks)."""
+    real_out, ckpt = Path(os.path.realpath(out)), Path(os.path.realpath(folder))
+    guarded = [("the checkpoint", ckpt, True)]
+    if ckpt.parent.name == CHECKPOINTS:
+        guarded += [("the checkpoints folder", ckpt.parent, True), ("the run folder", ckpt.parent.parent, False)]
+    for what, path, not_inside in guarded:
+        relation = ("is" if real_out == path else "contains" if path.is_relative_to(real_out)
+                    else "is inside" if not_inside and real_out.is_relative_to(path) else None)
+        if relation:
+            safe = ckpt.parent.parent / "hf" if ckpt.parent.name == CHECKPOINTS else ckpt.parent / f"{ckpt.name}-hf"
+            raise ConsolidateError(f"OUT {out} {relation} {what} ({path}), which it is made from: "
+                                   f"write it elsewhere, e.g. {safe}")
+
+
 def consolidate(ckpt: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: int | str = "5GB",
                 force: bool = False, progress: bool = True) -> dict:
     """Write the merged model of checkpoint ``ckpt`` to the Hugging Face folder ``out``; returns a summary."""
     out = Path(out).expanduser()
-    _check_out(out, force)
     folder = resolve_checkpoint(ckpt)
+    _check_not_the_source(out, folder)
+    _check_out(out, force)
     trainer_state = read_trainer_state(folder)
     if dtype == "auto":
         dtype = trainer_state.get("model_dtype") or "float32"
@@ -663,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = consolidate(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                               force=args.force, progress=args.progress)
-    except (ConsolidateError, OSError) as err:
+    except (ConsolidateError, UnsafeCheckpointError, CorruptCheckpointError, OSError) as err:
         if os.environ.get("ROSA_SCALE_DEBUG"):
             raise
         print(f"{PROG}: error: {err}", file=sys.stderr)
