@@ -343,7 +343,7 @@ def _short(value, width: int = 40) -> str:
 
 
 def train_eval_split(train: Dataset | DatasetDict, eval_: Dataset | DatasetDict | None,
-                     eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+                     eval_fraction: float, seed: int, *, source: str = "dataset") -> tuple[Dataset, Dataset]:
     """Pick the train split and a held-out split: given, named validation/test, or carved out."""
     held = None
     if isinstance(train, DatasetDict):
@@ -357,7 +357,8 @@ def train_eval_split(train: Dataset | DatasetDict, eval_: Dataset | DatasetDict 
         held = eval_
     if held is None:
         if len(train) < 2:
-            raise DataError("dataset has fewer than 2 documents: cannot hold any out for evaluation")
+            raise DataError(f"{source} has fewer than 2 documents: cannot hold any out for evaluation "
+                            "(give --eval-dataset)")
         parts = train.train_test_split(test_size=eval_fraction, seed=seed, shuffle=True)
         train, held = parts["train"], parts["test"]
     return train, held
@@ -400,7 +401,7 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
     for spec, docs in ((cfg.dataset, train_docs), (cfg.eval_dataset, eval_docs)):
         if isinstance(docs, Dataset):
             check_text(docs, cfg.text_field, spec, _file_locator(spec))
-    train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed)
+    train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed, source=cfg.dataset)
     train = pack(train_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset)
     held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks,
                 source=cfg.eval_dataset or f"the held-out part of {cfg.dataset}")
