@@ -381,15 +381,8 @@ def load_checkpoint(path: Path, *, model, module, optimizer, expect: dict, state
 
 
 def _dcp_load(holder: dict, folder: Path) -> None:
-    """DCP load through an allowlisting reader (no pickle of ours or a stranger's runs code)."""
-    import torch.distributed.checkpoint as dcp
+    """DCP load through an allowlisting reader: no pickle in a checkpoint can run code; a damaged or
+    refused file is one ``CheckpointError``-like line naming it, on every rank."""
+    from .safe_load import dcp_load
 
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    try:
-        dcp.load(holder, checkpoint_id=str(folder), no_dist=no_dist)
-    except Exception as err:  # DCP raises several kinds for missing or foreign files
-        raise CheckpointError(f"cannot read checkpoint {folder}: {_first_line(err)}") from None
-    except BaseException as err:  # torch's CheckpointException is not an Exception
-        if type(err).__name__ != "CheckpointException":
-            raise
-        raise CheckpointError(f"cannot read checkpoint {folder}: {_first_line(err)}") from None
+    dcp_load(holder, folder, no_dist=not (dist.is_available() and dist.is_initialized()))

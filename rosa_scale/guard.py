@@ -58,32 +58,42 @@ def agree(device: torch.device, *flags) -> list[bool]:
 
 
 @torch.no_grad()
-def nonfinite_layers(layers: dict, *, base: bool = True) -> list[str]:
-    """Names (with the tensor: ``up``, ``down``, ``weight``) of ROSA layers holding NaN or inf on any
-    rank; every rank gets the same list (a collective when distributed)."""
-    names, flags = [], []
-    for name, layer in layers.items():
-        tensors = {"up": layer.up, "down": layer.down}
-        if base:
-            tensors["weight"] = layer.weight_param
-        for which, tensor in tensors.items():
-            local = _local(tensor)
-            names.append(f"{name} ({which})")
-            flags.append(nonfinite(local).to(torch.float32) if local.numel() else torch.zeros((), device=local.device))
-    if not flags:
+def nonfinite_layers(layers: dict) -> list[str]:
+    """ROSA layers whose weight, factors or merged weight ``w_fixed + up @ down`` hold NaN or inf on any
+    rank, each named with the culprit; every rank gets the same list (a collective when distributed).
+
+    The merged weight is never formed: with ``a = max|w_fixed|`` and ``b, c`` those of ``up`` and
+    ``down``, every merged entry is at most ``a + r b c``, so it is finite in the weight's dtype when
+    that bound is (a sufficient test, exact for any weight a trained model can hold). Per tensor this
+    is one max over the local shard, and one all-reduce for all of them."""
+    names = list(layers)
+    if not names:
         return []
-    device = flags[0].device
-    values = torch.stack([f.to(device) for f in flags])
+    peaks = []
+    for layer in layers.values():
+        for tensor in (layer.weight_param, layer.up, layer.down):
+            local = _local(tensor)
+            peak = local.detach().abs().amax().float() if local.numel() else torch.zeros((), device=local.device)
+            peaks.append(torch.nan_to_num(peak, nan=float("inf"), posinf=float("inf")).to(peaks[0].device if peaks else local.device))
+    values = torch.stack(peaks)
     if _distributed():
-        if values.device.type == "cpu" and dist.get_backend() == "nccl":
+        if dist.get_backend() == "nccl" and values.device.type != "cuda":
             values = values.cuda()
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [n for n, v in zip(names, values.tolist()) if v]
+    values = values.double().cpu().view(-1, 3).tolist()
+    bad = []
+    for name, layer, (w, up, down) in zip(names, layers.values(), values):
+        culprit = next((which for which, v in (("weight", w), ("up", up), ("down", down)) if v == float("inf")), None)
+        if culprit is None and w + layer.rank * up * down > torch.finfo(layer.weight_param.dtype).max:
+            culprit = "w_fixed + up @ down overflows"
+        if culprit:
+            bad.append(f"{name} ({culprit})")
+    return bad
 
 
-def check_layers(layers: dict, what: str, *, base: bool = True) -> None:
+def check_layers(layers: dict, what: str) -> None:
     """Raise ``DivergedError`` naming the first layer with non-finite values before ``what``."""
-    bad = nonfinite_layers(layers, base=base)
+    bad = nonfinite_layers(layers)
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise DivergedError(f"{what} refused: non-finite values in {bad[0]}{more}")

@@ -43,10 +43,11 @@ def _read(path: Path) -> dict | None:
 class OutputDirLock:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / NAME
-        self.held = False
+        self.held = self.created = False
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises ``OutputDirBusy``."""
+        self.created = not self.path.parent.exists()  # removed again if the run leaves it empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         note = None
@@ -98,6 +99,11 @@ class OutputDirLock:
         holder = self._holder()
         if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
+            if self.created:  # a run refused before it wrote anything leaves no folder behind
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # not empty: the run wrote into it
+                    pass
         self.held = False
 
     close = release

@@ -332,7 +332,10 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         """Save (unless this step's checkpoint exists already); never with non-finite factors."""
         if saved_step[0] == step:  # saved at this step already, or resumed from it here
             return
-        check_layers(layers, f"saving the checkpoint of step {step}", base=False)
+        try:
+            check_layers(layers, f"saving the checkpoint of step {step}")
+        except DivergedError as err:
+            raise diverged(str(err)) from None
         if batches == len(train_loader):  # the epoch is done: resume at the next one
             epoch, batches = epoch + 1, 0
         save_checkpoint(out, step, model=model, module=module, optimizer=torch_optimizer, tokenizer=tokenizer,
@@ -363,6 +366,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         return stopped(step, epoch, batches)
     bar = tqdm(total=total, initial=start_step, desc="rosa-train", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
+    held.append(bar)  # closed before any error line is printed
     model.train()
     while step < total:
         if hasattr(train_loader, "set_epoch"):
@@ -393,7 +397,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             tokens += ids.numel()
             if not accelerator.sync_gradients:
                 continue
-            lr = scheduler.get_last_lr()[0]
+            lr = torch_optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             step += 1
             bar.update(1)
@@ -401,12 +405,13 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             if bad_loss or bad_grad:
                 skipped += 1
                 what = f"non-finite {'loss' if bad_loss else 'gradient'} at step {step}"
-                record.update(loss=None, nonfinite="loss" if bad_loss else "gradient", skipped_steps=skipped)
+                record.update(loss=None, nonfinite="loss" if bad_loss else "gradient")
                 if skipped > cfg.max_skipped_steps:
                     metrics.log(step, **record)
                     allowed = f" ({skipped - 1} skipped before, max_skipped_steps {cfg.max_skipped_steps})" \
                         if cfg.max_skipped_steps else ""
                     raise diverged(what + allowed)
+                record["skipped_steps"] = skipped
                 say(f"rosa-train: {what}: step skipped ({skipped} of at most {cfg.max_skipped_steps})")
             else:
                 losses.extend(step_losses)
@@ -427,10 +432,11 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                 clock = time.perf_counter()
             if record:
                 metrics.log(step, **record)
+            if ("resample_s" in record or "eval_loss" in record) and not stop:  # a long phase: ask again
+                stop = watch.should_stop(accelerator.device)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                 checkpoint(step, epoch, batches)
             if stop:
-                bar.close()
                 return stopped(step, epoch, batches)
             if step >= total:
                 break
@@ -439,7 +445,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             continue
         if batches == len(train_loader):
             epoch, batches = epoch + 1, 0
-    bar.close()
+    bar.close()  # the progress line ends before the closing lines
 
     # The end: each phase may be cut short by a signal, which then leaves the checkpoint of this step.
     if watch.should_stop(accelerator.device):
@@ -456,7 +462,10 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                "eval_loss_after": eval_after, "eval_ppl_before": _exp(eval_before), "eval_ppl_after": _exp(eval_after),
                "merged": None}
     if cfg.save_merged:
-        check_layers(layers, "exporting the merged model")
+        try:
+            check_layers(layers, "exporting the merged model")
+        except DivergedError as err:
+            raise diverged(str(err)) from None
         accelerator.wait_for_everyone()
         folder = save_merged(module, tokenizer, out / "merged", DTYPES[cfg.model_dtype])
         if folder is not None:
