@@ -218,24 +218,30 @@ def torch_load(path, **kwargs):
 
 # --------------------------------------------------------------------------- DCP load
 
-def _reader_and_planner(folder: Path, metadata):
+@functools.cache
+def _safe_dcp_classes():
+    """A FileSystemReader and a DefaultLoadPlanner that unpickle nothing but data (built once: DCP is
+    imported only when a DCP checkpoint is read)."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
         """Metadata from :func:`read_dcp_metadata`; errors name the data file being read."""
 
-        current: Path | None = None
+        def __init__(self, folder: Path, metadata=None):
+            super().__init__(str(folder))
+            self.folder, self.metadata, self.current = folder, metadata, None
 
         def read_metadata(self):  # no **kwargs: DCP then never falls back to rank-local metadata files
-            md = metadata if metadata is not None else read_dcp_metadata(folder)
+            md = self.metadata if self.metadata is not None else read_dcp_metadata(self.folder)
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
             return md
 
         def _slice_file(self, file, sinfo):
-            self.current = Path(getattr(file, "name", folder))
+            self.current = Path(getattr(file, "name", self.folder))
             return super()._slice_file(file, sinfo)
 
         def read_data(self, plan, planner):
@@ -244,30 +250,31 @@ def _reader_and_planner(folder: Path, metadata):
             except (UnsafeCheckpointError, CorruptCheckpointError):
                 raise
             except pickle.UnpicklingError as err:
-                raise _weights_only_error(self.current or folder, err) from None
+                raise _weights_only_error(self.current or self.folder, err) from None
             except Exception as err:
-                raise _corrupt(self.current or folder, _first_line(err)) from None
+                raise _corrupt(self.current or self.folder, _first_line(err)) from None
 
     class SafePlanner(DefaultLoadPlanner):
         """Non-tensor items with ``weights_only=True`` (DCP's own planner unpickles them freely)."""
 
+        def __init__(self, reader: SafeReader):
+            super().__init__()
+            self.reader = reader
+
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            where = f"{reader.current or folder} (item {read_item.dest_index.fqn})"
+            where = f"{self.reader.current or self.reader.folder} (item {read_item.dest_index.fqn})"
             try:
                 loaded = _load(value, where, [], {})
             except pickle.UnpicklingError as err:
                 raise _weights_only_error(where, err) from None
             except Exception as err:
                 raise _corrupt(where, _first_line(err)) from None
-            if self.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element  # as DefaultLoadPlanner does
-
+            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
-    reader = SafeReader(str(folder))
-    return reader, SafePlanner()
+    return SafeReader, SafePlanner
 
 
 def _agree(error: ValueError | None, group=None) -> None:
@@ -325,7 +332,9 @@ def dcp_load(state_dict: dict, folder, *, no_dist: bool, process_group=None, met
         _agree(error, process_group)
     elif error is not None:
         raise error
-    reader, planner = _reader_and_planner(folder, metadata)
+    reader_class, planner_class = _safe_dcp_classes()
+    reader = reader_class(folder, metadata)
+    planner = planner_class(reader)
     root = logging.getLogger()  # DCP's state_dict_loader logs to the root logger
     quiet = _DropOurTracebacks()
     root.addFilter(quiet)
