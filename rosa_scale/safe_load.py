@@ -81,8 +81,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)  # a dtype object, not a callable
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # not getattr: it imports
+            return vars(torch)[name]  # a dtype object, not a callable
         if module == "pathlib" or module.startswith("pathlib."):  # StorageMeta.checkpoint_id: a path, data only
             found = getattr(sys.modules.get(module), name, None)
             if isinstance(found, type) and issubclass(found, PurePath):
@@ -187,9 +187,7 @@ def _weights_only_error(path, err: pickle.UnpicklingError) -> ValueError:
     return _corrupt(path, detail)
 
 
-def _load(source, name, extra: list, kwargs: dict):
-    if kwargs.pop("weights_only", True) is not True or "pickle_module" in kwargs:
-        raise TypeError("torch_load always loads with weights_only=True and torch's own unpickler")
+def _load(source, extra: list, kwargs: dict):
     with torch.serialization.safe_globals(extra):
         return torch.load(source, weights_only=True, **kwargs)
 
@@ -197,21 +195,21 @@ def _load(source, name, extra: list, kwargs: dict):
 def torch_load(path, **kwargs):
     """``torch.load(path, weights_only=True, **kwargs)`` that also accepts DeepSpeed ZeRO-3's own
     files: only tensors, plain data and :data:`DEEPSPEED_GLOBALS` are built."""
+    if kwargs.pop("weights_only", True) is not True or "pickle_module" in kwargs:
+        raise TypeError("torch_load always loads with weights_only=True and torch's own unpickler")
     try:
         try:
-            return _load(path, path, _deepspeed_globals(import_it=False), dict(kwargs))
+            return _load(path, _deepspeed_globals(import_it=False), kwargs)
         except pickle.UnpicklingError as err:
             found = _UNPICKLED_GLOBAL.search(str(err))
             if not found or found.group(1) not in DEEPSPEED_GLOBALS or "deepspeed" in sys.modules:
                 raise
             # A DeepSpeed checkpoint read before DeepSpeed was imported: import it and read again.
-            return _load(path, path, _deepspeed_globals(import_it=True), dict(kwargs))
+            return _load(path, _deepspeed_globals(import_it=True), kwargs)
     except pickle.UnpicklingError as err:
         raise _weights_only_error(path, err) from None
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint incomplete: {path} is missing") from None
-    except (TypeError, UnsafeCheckpointError, CorruptCheckpointError):
-        raise
     except Exception as err:  # truncated zip, bad storage, ...
         raise _corrupt(path, _first_line(err)) from None
 
@@ -264,7 +262,7 @@ def _safe_dcp_classes():
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             where = f"{self.reader.current or self.reader.folder} (item {read_item.dest_index.fqn})"
             try:
-                loaded = _load(value, where, [], {})
+                loaded = _load(value, [], {})
             except pickle.UnpicklingError as err:
                 raise _weights_only_error(where, err) from None
             except Exception as err:
@@ -380,8 +378,9 @@ def _scan(folder: Path) -> ValueError | None:
     allowed = set(DEEPSPEED_GLOBALS)
     for file in sorted(folder.glob("*.pt")):
         if not zipfile.is_zipfile(file):
-            if file.stat().st_size and file.read_bytes()[:1] == b"\x80":  # a legacy torch.save: left to torch_load
-                continue
+            with open(file, "rb") as head:
+                if head.read(1) == b"\x80":  # a legacy (non-zip) torch.save: left to torch_load, on its rank
+                    continue
             return _corrupt(file, "not a torch.save file (truncated?)")
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
