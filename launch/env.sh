@@ -12,8 +12,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 export PYTHONUNBUFFERED=1
 export PYTHON=${PYTHON:-python3}  # the interpreter that has rosa_scale (e.g. a virtualenv's)
-# SIGUSR1 asks rosa-train to checkpoint and stop. Launchers and torchrun's agent ignore it (the
-# default would kill them); rosa-train installs its own handler in each training process.
+#   ROSA_SAVE_TIMEOUT  seconds a stopped run may take to save its checkpoint before it is killed
+export ROSA_SAVE_TIMEOUT=${ROSA_SAVE_TIMEOUT:-600}
+# torchrun's agent (also inside accelerate launch) passes these signals on to the training
+# processes and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (its default, 30 s, is
+# shorter than a large model's save); rosa-train stops on each of them with a checkpoint.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$ROSA_SAVE_TIMEOUT
+# SIGUSR1 asks rosa-train to checkpoint and stop; by default it would kill a launcher, or the agent
+# before it installs its handler, so they start with it ignored (rosa_launch traps it later).
 trap '' USR1
 
 # Number of GPUs on this node (0 on a CPU-only node), unless GPUS_PER_NODE is set.
@@ -32,8 +39,115 @@ rosa_report_exit() {
     0) ;;
     75) echo "$who: $what stopped on a signal after saving a checkpoint; relaunch with --resume auto" >&2 ;;
     *) echo "$who: error: $what exited with status $rc (a node that did not join within" \
-            "ROSA_JOIN_TIMEOUT=${ROSA_JOIN_TIMEOUT}s, a node or process that died, a training error, or a stop" \
-            "on a signal after a checkpoint: see above; --resume auto continues from the latest checkpoint)" >&2 ;;
+            "ROSA_JOIN_TIMEOUT=${ROSA_JOIN_TIMEOUT}s, a node or process that died, a training error, or a save" \
+            "cut short: see above; --resume auto continues from the latest checkpoint)" >&2 ;;
   esac
   return "$rc"
+}
+
+# rosa_launch WHO WHAT COMMAND...: run COMMAND (torchrun, accelerate launch or rosa-train itself) and
+# pass stop signals on to the training processes, which torchrun and accelerate start in sessions
+# of their own, out of reach of a signal to this launcher or its process group. Each training
+# process registers in a private ROSA_LAUNCH_DIR (rosa_scale/launcher_link.py). SIGTERM and SIGUSR1
+# are forwarded as they are, SIGINT (a first Ctrl-C) and SIGHUP as SIGTERM, also to processes that
+# register later; each one finishes its step, saves a checkpoint and exits 75. A second Ctrl-C, or
+# ROSA_SAVE_TIMEOUT seconds without an end, kills them (the previous checkpoint stays usable).
+# Training processes that outlive COMMAND (its agent was killed) are stopped the same way and
+# waited for. Exits 75 when the run stopped on a signal with its checkpoint saved (or before any
+# training process started), else COMMAND's status; prints one closing line (rosa_report_exit).
+rosa_launch() {
+  _rosa_who=$1 _rosa_what=$2 _rosa_stop="" _rosa_told=" " _rosa_deadline=0 _rosa_killed=""
+  shift 2
+  ROSA_LAUNCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/rosa-launch.XXXXXX")
+  export ROSA_LAUNCH_DIR
+  trap 'rm -rf "$ROSA_LAUNCH_DIR"' EXIT
+  trap '_rosa_ask SIGTERM TERM || true' TERM  # `|| true`: under `set -e` a failing trap ends the script
+  trap '_rosa_ask SIGHUP TERM || true' HUP
+  trap '_rosa_interrupt || true' INT
+  "$@" &  # started with SIGUSR1 ignored (above) and, in the background, SIGINT too
+  _rosa_child=$!
+  trap '_rosa_ask SIGUSR1 USR1 || true' USR1
+  while kill -0 "$_rosa_child" 2>/dev/null; do
+    if [ -z "$_rosa_stop" ]; then wait "$_rosa_child" || true; else _rosa_tick; fi  # a trap ends `wait` early
+  done
+  local rc=0
+  wait "$_rosa_child" || rc=$?
+  while _rosa_any_worker; do  # outlived COMMAND: its agent was killed
+    [ -n "$_rosa_stop" ] || _rosa_ask "the launch command ended before its training processes" TERM
+    _rosa_tick
+  done
+  if [ -n "$_rosa_killed" ]; then
+    rc=$_rosa_killed
+  elif [ "$rc" -ne 0 ] && { [ -e "$ROSA_LAUNCH_DIR/resumable" ] ||
+                            { [ -n "$_rosa_stop" ] && [ ! -e "$ROSA_LAUNCH_DIR/started" ]; }; }; then
+    rc=75
+  fi
+  rosa_report_exit "$_rosa_who" "$rc" "$_rosa_what"
+}
+
+_rosa_ask() {  # _rosa_ask WHAT SIGNAL: a stop was asked for; pass SIGNAL on
+  if [ -z "$_rosa_stop" ]; then
+    echo "$_rosa_who: $1: every training process saves a checkpoint at its next step and stops" \
+         "(killed after ROSA_SAVE_TIMEOUT=${ROSA_SAVE_TIMEOUT}s; a second Ctrl-C kills at once)" >&2 || true
+    _rosa_stop=$2
+    _rosa_deadline=$(( SECONDS + ROSA_SAVE_TIMEOUT ))
+  fi
+  _rosa_tell
+}
+
+_rosa_interrupt() {
+  if [ -z "$_rosa_stop" ]; then _rosa_ask "Ctrl-C" TERM; return; fi
+  echo "$_rosa_who: Ctrl-C while stopping: killing the training processes" >&2 || true
+  _rosa_kill 130
+}
+
+_rosa_tick() {  # while stopping: tell processes that registered since, enforce ROSA_SAVE_TIMEOUT
+  _rosa_tell
+  if [ -z "$_rosa_killed" ] && [ "$SECONDS" -ge "$_rosa_deadline" ]; then
+    echo "$_rosa_who: no end within ROSA_SAVE_TIMEOUT=${ROSA_SAVE_TIMEOUT}s: killing the training processes" >&2 || true
+    _rosa_kill 137
+  fi
+  sleep 0.2 || true
+}
+
+_rosa_tell() {  # send the stop signal to every registered training process not told yet
+  local file pid
+  for file in "$ROSA_LAUNCH_DIR"/worker-*; do
+    pid=${file##*/worker-}
+    case "$_rosa_told" in *" $pid "*) continue ;; esac
+    _rosa_ours "$pid" || continue
+    kill -s "$_rosa_stop" "$pid" 2>/dev/null || true
+    _rosa_told+="$pid "
+  done
+  return 0
+}
+
+_rosa_kill() {  # _rosa_kill STATUS: SIGKILL the training processes and COMMAND; the launcher exits STATUS
+  local file pid
+  _rosa_killed=$1
+  for file in "$ROSA_LAUNCH_DIR"/worker-*; do
+    pid=${file##*/worker-}
+    ! _rosa_ours "$pid" || kill -s KILL "$pid" 2>/dev/null || true
+  done
+  kill -s KILL "$_rosa_child" 2>/dev/null || true
+  return 0
+}
+
+_rosa_any_worker() {
+  local file
+  for file in "$ROSA_LAUNCH_DIR"/worker-*; do
+    ! _rosa_ours "${file##*/worker-}" || return 0
+  done
+  return 1
+}
+
+_rosa_ours() {  # is PID alive and a training process of this launch (not a reused PID)?
+  local entry entries=()
+  [[ $1 =~ ^[0-9]+$ ]] && kill -0 "$1" 2>/dev/null || return 1
+  [ -d /proc/self ] || return 0  # no /proc: trust the PID
+  mapfile -d '' entries 2>/dev/null < "/proc/$1/environ" || return 1
+  for entry in "${entries[@]}"; do
+    [ "$entry" != "ROSA_LAUNCH_DIR=$ROSA_LAUNCH_DIR" ] || return 0
+  done
+  return 1
 }

@@ -9,8 +9,7 @@ source "$here/env.sh"
 gpus=$(rosa_gpus_per_node)
 NPROC=${NPROC:-$(( gpus > 0 ? gpus : 1 ))}
 if [ "$NPROC" -le 1 ]; then
-  rc=0; "$PYTHON" -m rosa_scale.train "$@" || rc=$?
-  rosa_report_exit local.sh "$rc" "rosa-train"
+  rosa_launch local.sh rosa-train "$PYTHON" -m rosa_scale.train "$@"
   exit
 fi
 if [ "$gpus" -gt 0 ]; then export GPUS_PER_NODE=$NPROC; else export GPUS_PER_NODE=0 CPU_PROCS_PER_NODE=$NPROC; fi

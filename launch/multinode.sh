@@ -3,7 +3,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config run.yaml
 # Variables: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (required); GPUS_PER_NODE (default: all
 # GPUs here; on CPU-only nodes CPU_PROCS_PER_NODE processes, default 1); ENGINE=fsdp2 (default) | zero3 | ddp. Arguments after
-# the variables go to rosa-train. Timeouts and NCCL settings: launch/env.sh.
+# the variables go to rosa-train. Timeouts, signals and NCCL settings: launch/env.sh. SIGTERM, SIGUSR1
+# or a Ctrl-C: every process saves a checkpoint and stops; exit status 75.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/env.sh"
@@ -24,10 +25,9 @@ case "$ENGINE:$gpus" in
   ddp:*) engine_args=(--multi_gpu) ;;
   *) die "ENGINE must be fsdp2, zero3 or ddp, not '$ENGINE'" ;;
 esac
-rc=0
-"$PYTHON" -m accelerate.commands.launch "${engine_args[@]}" \
+rosa_launch multinode.sh "node $NODE_RANK of $NNODES" \
+  "$PYTHON" -m accelerate.commands.launch "${engine_args[@]}" \
   --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes $(( NNODES * per_node )) \
   --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
   --rdzv_backend c10d --rdzv_conf "join_timeout=$ROSA_JOIN_TIMEOUT" --max_restarts 0 \
-  -m rosa_scale.train "$@" || rc=$?
-rosa_report_exit multinode.sh "$rc" "node $NODE_RANK of $NNODES"
+  -m rosa_scale.train "$@"

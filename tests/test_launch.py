@@ -103,7 +103,7 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     assert latest.exists(), err[-3000:]
     stopped = int(latest.read_text().split("-")[1])
     assert 3 <= stopped < 200 and not (out / "merged").exists()
-    assert f"stopped by a signal at step {stopped}" in stdout and proc.returncode != 0
+    assert f"stopped by a signal at step {stopped}" in stdout and proc.returncode == 75, err[-3000:]
 
     env["MASTER_PORT"] = str(free_port())
     again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env,
@@ -111,6 +111,79 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == 200
+
+
+STOPPED = "torchrun.sh: node 0 of 1 stopped on a signal after saving a checkpoint; relaunch with --resume auto"
+
+
+def test_a_signal_to_the_launcher_saves_exits_75_leaves_no_process_and_the_relaunch_resumes(
+        tiny_model_dir, tiny_data, tmp_path):
+    """torchrun starts the training processes in sessions of their own: the launcher passes a signal
+    on, waits for the checkpoint and exits 75; torchrun's own forwarding (a group signal) neither
+    kills them mid-save nor leaves one running. One run after another (each a relaunch with
+    --resume auto of the one before): SIGTERM and SIGUSR1 to the launcher, SIGTERM to its group."""
+    out = tmp_path / "run"
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=2000, extra=["--fsdp", "true", "--resume", "auto"])
+    env = {**ENV, "NPROC_PER_NODE": "2"}
+    stopped = 0
+    for how, signum in [("launcher", signal.SIGTERM), ("launcher", signal.SIGUSR1), ("group", signal.SIGTERM)]:
+        env["MASTER_PORT"] = str(free_port())
+        proc = subprocess.Popen([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert _wait_for(lambda: _steps_logged(out) >= stopped + 3, 120), (how, signum)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            assert len(_workers(proc)) == 2
+            os.killpg(proc.pid, signum) if how == "group" else os.kill(proc.pid, signum)
+            stdout, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:  # it did not stop: no process of it may outlive the test
+                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                    p.kill()
+                proc.communicate()
+        assert proc.returncode == 75 and err.strip().splitlines()[-1] == STOPPED, (how, signum, err[-3000:])
+        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (how, signum)
+        assert stopped == 0 or f"at step {stopped}" in stdout  # resumed, not started over
+        stopped, before = int((out / "checkpoints" / "latest").read_text().split("-")[1]), stopped
+        assert before + 3 <= stopped < 2000 and f"stopped by a signal at step {stopped}" in stdout
+
+    env["MASTER_PORT"] = str(free_port())
+    shorter = [*args, "--max-steps", str(stopped + 2), "--resume-override", "[max_steps]"]
+    again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *shorter], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {stopped}" in again.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == stopped + 2
+
+
+ORPHAN = """
+import signal, sys, time
+from rosa_scale import launcher_link
+launcher_link.register()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(print("SIGTERM", flush=True)))  # rosa-train would save
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_training_process_whose_agent_is_killed_gets_sigterm(tmp_path):
+    """torchrun's agent SIGKILLed: its training processes are told to stop (PR_SET_PDEATHSIG), not
+    left training on their own."""
+    log = tmp_path / "worker.log"
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              f"subprocess.Popen([sys.executable, '-c', {ORPHAN!r}], stdout=open({str(log)!r}, 'w')); "
+                              "time.sleep(60)"], cwd=ROOT, env={**ENV, "TORCHELASTIC_RUN_ID": "test"})
+    try:
+        assert _wait_for(lambda: log.exists() and "ready" in log.read_text(), 60)
+        worker = psutil.Process(agent.pid).children()[0]
+        agent.kill()
+        worker.wait(timeout=10)
+        assert log.read_text().split() == ["ready", "SIGTERM"]
+    finally:
+        for p in psutil.Process(agent.pid).children() if agent.poll() is None else []:
+            p.kill()
+        agent.kill()
+        agent.wait()
 
 
 def test_killed_node_stops_the_survivor_and_both_resume(tiny_model_dir, tiny_data, tmp_path):
@@ -159,7 +232,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     stdout, err = proc.communicate(timeout=180)
     events = log.read_text().splitlines()
     assert "scancel USR1" in events and "requeue 4242" in events, err[-3000:]
-    assert proc.returncode != 0 and "requeueing job 4242" in err
+    assert proc.returncode == 75 and "requeueing job 4242" in err
     stopped = int((out / "checkpoints" / "latest").read_text().split("-")[1])
     assert 3 <= stopped < 200 and not (out / "merged").exists()
     assert f"stopped by a signal at step {stopped}" in stdout
