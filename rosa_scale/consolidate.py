@@ -21,11 +21,11 @@ is merged. Only the sources of one output tensor (a ROSA layer's ``base.weight``
 
 Everything goes to a hidden sibling folder of OUT that is renamed into place at the end: on any
 error nothing is left at OUT, and an existing OUT (replaced only with ``--force``) stays as it
-was. OUT may not be, contain or lie inside the checkpoint, its ``checkpoints/`` folder or contain
-its run folder (``<run>/hf`` is fine): replacing it would delete the source. No file is unpickled
-beyond tensors and plain data (``rosa_scale.safe_load``): a crafted file is refused, not run. Bad
-input, a damaged or missing part included, gets one line ``rosa-consolidate: error: ...`` naming
-the file, and exit status 2.
+was. OUT may not be the checkpoint, its ``checkpoints/`` folder or its run folder, contain any of
+them, or lie inside the first two (``<run>/hf`` is fine): --force would delete the source. No
+file is unpickled beyond tensors and plain data (``rosa_scale.safe_load``): a crafted file is
+refused, not run. Bad input, a damaged or missing part included, gets one line
+``rosa-consolidate: error: ...`` naming the file, and exit status 2.
 """
 from __future__ import annotations
 
@@ -209,9 +209,10 @@ class ZeroReader:
     def _load(self, file: Path, keys: tuple[str, ...]) -> dict:
         """One rank file, memory-mapped, weights-only (no code from it runs); a dict with ``keys``."""
         state = torch_load(file, map_location="cpu", mmap=True)
-        if not isinstance(state, dict) or any(k not in state for k in keys):
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
             raise ConsolidateError(f"checkpoint corrupt: {file} is not a DeepSpeed ZeRO-3 rank file "
-                                   f"(it lacks {', '.join(k for k in keys if not isinstance(state, dict) or k not in state)})")
+                                   f"(it has no {', '.join(missing)})")
         return state
 
     def _open(self) -> None:
@@ -655,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", metavar="SIZE",
                         help="largest safetensors file (a bigger single tensor gets its own) [default: 5GB]")
     parser.add_argument("--force", action="store_true",
-                        help="replace OUT if it exists (only once the new one is complete)")
+                        help="replace OUT if it exists (only once the new one is complete; never the checkpoint, "
+                             "its checkpoints/ folder or its run folder)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
