@@ -93,8 +93,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_dcp_metadata(folder) -> "torch.distributed.checkpoint.metadata.Metadata":
     """The ``Metadata`` of a DCP checkpoint folder, unpickled with an allowlist (DCP itself uses
     ``pickle.load``, which runs whatever the file names)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = Path(folder) / METADATA_FILE
     try:
         with open(path, "rb") as file:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shlex
 import shutil
 from pathlib import Path
@@ -82,6 +83,7 @@ def _fsdp2_model(tokenizer):
 
 def dcp_checks(run: Path, tokenizer, out: Path) -> dict:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = next(run.glob("checkpoints/step-*")) / "state"
@@ -90,15 +92,11 @@ def dcp_checks(run: Path, tokenizer, out: Path) -> dict:
 
     safe_model, safe_opt = _fsdp2_model(tokenizer)
     plain_model, plain_opt = _fsdp2_model(tokenizer)
-    safe, plain = dict(zip(("model", "optim"), get_state_dict(safe_model, safe_opt))), \
-        dict(zip(("model", "optim"), get_state_dict(plain_model, plain_opt)))
+    safe = dict(zip(("model", "optim"), get_state_dict(safe_model, safe_opt)))
+    plain = dict(zip(("model", "optim"), get_state_dict(plain_model, plain_opt)))
     dcp_load(safe, state, no_dist=False)
     dcp.load(plain, checkpoint_id=str(state))
-    flat_safe, flat_plain = {}, {}
-    for holder, flat in ((safe, flat_safe), (plain, flat_plain)):
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-        flat.update(flatten_state_dict(holder)[0])
+    flat_safe, flat_plain = (flatten_state_dict(holder)[0] for holder in (safe, plain))
     results["dcp_keys"] = len(flat_safe)
     results["dcp_differ"] = sorted(k for k in flat_plain if not (
         torch.equal(_full(flat_safe[k]), _full(flat_plain[k])) if torch.is_tensor(flat_plain[k])
@@ -108,8 +106,8 @@ def dcp_checks(run: Path, tokenizer, out: Path) -> dict:
         logits = safe_model.eval()(input_ids=reference["ids"]).logits
     results["dcp_logits_max_diff"] = (logits - reference["logits"]).abs().max().item()
 
-    crafted = _copy(state, out / "dcp-crafted-metadata", lambda d: (d / ".metadata").write_bytes(
-        __import__("pickle").dumps(Payload(out / "marker-dcp-metadata"))))
+    crafted = _copy(state, out / "dcp-crafted-metadata",
+                    lambda d: (d / ".metadata").write_bytes(pickle.dumps(Payload(out / "marker-dcp-metadata"))))
 
     def corrupt_rank1(d: Path):
         data = bytearray((d / "__1_0.distcp").read_bytes())

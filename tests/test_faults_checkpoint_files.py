@@ -226,25 +226,30 @@ def test_deepspeed_allowlist_names_its_classes(tmp_path):
     assert _same(torch_load(tmp_path / "scalers.pt"), state)
 
 
+MODEL0, OPTIM1 = "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+TWO_RANK_FAULTS = [  # worker case, error kind, the file its line names ({rank}: each rank's own)
+    ("dcp_crafted_metadata", "Unsafe", "dcp-crafted-metadata/.metadata"),
+    ("dcp_corrupt_rank1", "Corrupt", "dcp-corrupt-rank1/__1_0.distcp"),
+    ("zero3_crafted_optim_rank1", "Unsafe", OPTIM1),
+    ("zero3_crafted_model_rank0", "Unsafe", MODEL0),
+    ("zero3_crafted_legacy_optims", "Unsafe", "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+    ("zero3_truncated_model_rank0", "Corrupt", MODEL0),
+]
+
+
 def test_two_rank_loads_agree_and_match(two_ranks):
     """Collective dcp_load and a protected ZeRO-3 resume give what plain loads give; a crafted or damaged
     file of one rank stops both ranks with the same line, and no payload runs."""
     for rank, seen in enumerate(two_ranks["ranks"]):
         assert seen["dcp_keys"] > 100 and seen["dcp_differ"] == [] and seen["dcp_logits_max_diff"] == 0.0
         assert seen["zero3_keys"] > 50 and seen["zero3_differ"] == [] and seen["zero3_logits_max_diff"] == 0.0
-        assert seen["zero3_read_through_torch_load"] == sorted(  # DeepSpeed reads this rank's files through it
-            seen["zero3_read_through_torch_load"]) and {f"zero_pp_rank_{rank}_mp_rank_00_{p}_states.pt" for p in
-                                                        ("model", "optim")} == set(seen["zero3_read_through_torch_load"])
+        assert set(seen["zero3_read_through_torch_load"]) == {  # DeepSpeed read this rank's files through it
+            f"zero_pp_rank_{rank}_mp_rank_00_{part}_states.pt" for part in ("model", "optim")}
         assert seen["force_weights_only_after"] is None
-        for case, kind, file in [("dcp_crafted_metadata", "Unsafe", "dcp-crafted-metadata/.metadata"),
-                                 ("dcp_corrupt_rank1", "Corrupt", "dcp-corrupt-rank1/__1_0.distcp"),
-                                 ("zero3_crafted_optim_rank1", "Unsafe", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                                 ("zero3_crafted_model_rank0", "Unsafe", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-                                 ("zero3_crafted_legacy_optims", "Unsafe",
-                                  f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
-                                 ("zero3_truncated_model_rank0", "Corrupt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]:
-            assert seen[case]["type"] == f"{kind}CheckpointError", (rank, case, seen[case])
-            assert file in seen[case]["message"] and "\n" not in seen[case]["message"], (rank, case, seen[case])
+        for case, kind, file in TWO_RANK_FAULTS:
+            outcome = seen[case]
+            assert outcome["type"] == f"{kind}CheckpointError", (rank, case, outcome)
+            assert file.format(rank=rank) in outcome["message"] and "\n" not in outcome["message"], (rank, outcome)
     assert not list(two_ranks["out"].glob("marker-*"))
 
 
