@@ -113,6 +113,15 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     assert json.loads((out / "summary.json").read_text())["steps"] == 200
 
 
+def _running(procs):
+    def alive(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if alive(p)]
+
+
 STOPPED = "torchrun.sh: node 0 of 1 stopped on a signal after saving a checkpoint; relaunch with --resume auto"
 
 
@@ -130,19 +139,21 @@ def test_a_signal_to_the_launcher_saves_exits_75_leaves_no_process_and_the_relau
         env["MASTER_PORT"] = str(free_port())
         proc = subprocess.Popen([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        tree = []
         try:
             assert _wait_for(lambda: _steps_logged(out) >= stopped + 3, 120), (how, signum)
             tree = psutil.Process(proc.pid).children(recursive=True)
             assert len(_workers(proc)) == 2
             os.killpg(proc.pid, signum) if how == "group" else os.kill(proc.pid, signum)
             stdout, err = proc.communicate(timeout=90)
-        finally:
-            if proc.poll() is None:  # it did not stop: no process of it may outlive the test
-                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                    p.kill()
+        finally:  # whatever happened, no process of this run may outlive the test
+            left, launcher_left = _running(tree), proc.poll() is None
+            for p in left + ([psutil.Process(proc.pid)] if launcher_left else []):
+                p.kill()
+            if launcher_left:
                 proc.communicate()
         assert proc.returncode == 75 and err.strip().splitlines()[-1] == STOPPED, (how, signum, err[-3000:])
-        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (how, signum)
+        assert not left, (how, signum, left)
         assert stopped == 0 or f"at step {stopped}" in stdout  # resumed, not started over
         stopped, before = int((out / "checkpoints" / "latest").read_text().split("-")[1]), stopped
         assert before + 3 <= stopped < 2000 and f"stopped by a signal at step {stopped}" in stdout
