@@ -46,18 +46,19 @@ def test_world_size_and_engine_independence(runs, engine):
     """Losses and merged model equal to one plain process.
 
     Tolerance: the runs differ only in fp32 reduction order (gradient averaging across ranks,
-    sharded matmuls), measured at ~2e-6 after 9 steps and 3 resamples.
+    sharded matmuls), which Adam amplifies over 9 steps and 3 resamples: measured ~2e-6 on one
+    CPU and 2.9e-5 (ZeRO-3) / 1.4e-5 (FSDP2) on another, whose matmul kernels sum differently.
     """
     local, other = runs["local"], runs[engine]
     assert other["losses"] == pytest.approx(local["losses"], rel=1e-6)
     assert local["merged"].keys() == other["merged"].keys()
     for name, value in local["merged"].items():
-        torch.testing.assert_close(other["merged"][name], value, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(other["merged"][name], value, rtol=0, atol=1e-4, msg=name)
 
 
 def test_zero3_equals_fsdp2(runs):
     for name, value in runs["fsdp2"]["merged"].items():
-        torch.testing.assert_close(runs["zero3"]["merged"][name], value, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(runs["zero3"]["merged"][name], value, rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])

@@ -111,7 +111,10 @@ def test_resume_errors(tiny_model_dir, tiny_data, tmp_path):
            "not a complete checkpoint")
     _run(_args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 4, ["--save-every", "4"]))
     other = _args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 8, ["--resume", "auto", "--rosa.rank", "8"])
-    _error(run(other), "was written for other ROSA layers or ranks")
+    _error(run(other), "rosa.rank 4 -> 8")
+    forced = _args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 8, ["--resume", "auto", "--rosa.rank", "8",
+                                                                      "--resume-override", "[rosa.rank]"])
+    _error(run(forced), "was written for other ROSA layers or ranks")  # an override cannot reshape the factors
 
 
 @pytest.mark.slow
