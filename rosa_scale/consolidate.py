@@ -528,6 +528,9 @@ def _write_shards(tmp: Path, items: list[Item], reader, convert, max_shard_size,
             values = reader.read([reader_name(reader, s) for s in item.sources])
             value = merged_value(item, {s: values[reader_name(reader, s)] for s in item.sources})
             del values
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ConsolidateError(f"{item.name} of {reader.folder} holds NaN or inf (merged from "
+                                       f"{', '.join(item.sources)}): the run had diverged; no model was written")
             for name, tensor in convert(item.name, value).items():
                 file = split.tensor_to_filename[name]
                 if file not in writers:

@@ -427,3 +427,21 @@ def test_a_crafted_legacy_rng_pickle_never_runs(saved_run, tiny_model_dir, tiny_
     assert not marker.exists()
     torch.load(rng / "rank-00000.pt", weights_only=False)  # the payload is real: plain unpickling runs it
     assert marker.exists()
+
+
+def test_consolidate_refuses_a_diverged_checkpoint(tmp_path):
+    """A checkpoint written with NaN factors (by code other than rosa-train, which refuses to) is never
+    turned into a model."""
+    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, rosa_layers
+    from rosa_scale.checkpoint import save_checkpoint
+    from rosa_scale.consolidate import ConsolidateError, consolidate
+    from tests.tiny import tiny_llama
+
+    model = apply_rosa(tiny_llama(), RosaConfig(rank=4))
+    rosa_layers(model)["model.layers.0.self_attn.v_proj"].down.data[1, 2] = float("nan")
+    optimizer = torch.optim.AdamW(adapter_parameters(model))
+    save_checkpoint(tmp_path / "run", 1, model=model, module=model, optimizer=optimizer, tokenizer=None,
+                    trainer_state={"model_dtype": "float32"})
+    with pytest.raises(ConsolidateError, match=r"model\.layers\.0\.self_attn\.v_proj\.weight .*NaN or inf"):
+        consolidate(tmp_path / "run", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
