@@ -14,13 +14,14 @@ export PYTHONUNBUFFERED=1
 export PYTHON=${PYTHON:-python3}  # the interpreter that has rosa_scale (e.g. a virtualenv's)
 #   ROSA_SAVE_TIMEOUT  seconds a stopped run may take to save its checkpoint before it is killed
 export ROSA_SAVE_TIMEOUT=${ROSA_SAVE_TIMEOUT:-600}
-# torchrun's agent (also inside accelerate launch) passes these signals on to the training
-# processes and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (its default, 30 s, is
-# shorter than a large model's save); rosa-train stops on each of them with a checkpoint.
-export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# torchrun's agent (also inside accelerate launch) passes the signals it handles on to the training
+# processes, then SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (torch >= 2.12; older
+# torch: 30 s). Signals sent to a launcher or its process group never reach the agent (rosa_launch
+# below); SIGTERM sent to the agent itself, as SLURM does to every process of a job, is passed on
+# with that much time to save. It leaves SIGINT (a Ctrl-C) and SIGUSR1 to the launcher: SIGINT is
+# ignored by background processes, SIGUSR1 by everything a launcher starts (the default would kill).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGHUP,SIGQUIT}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$ROSA_SAVE_TIMEOUT
-# SIGUSR1 asks rosa-train to checkpoint and stop; by default it would kill a launcher, or the agent
-# before it installs its handler, so they start with it ignored (rosa_launch traps it later).
 trap '' USR1
 
 # Number of GPUs on this node (0 on a CPU-only node), unless GPUS_PER_NODE is set.
@@ -46,15 +47,17 @@ rosa_report_exit() {
 }
 
 # rosa_launch WHO WHAT COMMAND...: run COMMAND (torchrun, accelerate launch or rosa-train itself) and
-# pass stop signals on to the training processes, which torchrun and accelerate start in sessions
-# of their own, out of reach of a signal to this launcher or its process group. Each training
-# process registers in a private ROSA_LAUNCH_DIR (rosa_scale/launcher_link.py). SIGTERM and SIGUSR1
-# are forwarded as they are, SIGINT (a first Ctrl-C) and SIGHUP as SIGTERM, also to processes that
-# register later; each one finishes its step, saves a checkpoint and exits 75. A second Ctrl-C, or
+# pass stop signals on to the training processes. torchrun and accelerate start those in sessions
+# of their own, out of reach of a signal to this launcher or its process group, so each one
+# registers in a private ROSA_LAUNCH_DIR (rosa_scale/launcher_link.py). SIGTERM and SIGUSR1 are
+# passed on as they are, SIGINT (a first Ctrl-C) and SIGHUP as SIGTERM, also to processes that
+# register later; each finishes its step, saves a checkpoint and exits 75. A second Ctrl-C, or
 # ROSA_SAVE_TIMEOUT seconds without an end, kills them (the previous checkpoint stays usable).
-# Training processes that outlive COMMAND (its agent was killed) are stopped the same way and
-# waited for. Exits 75 when the run stopped on a signal with its checkpoint saved (or before any
-# training process started), else COMMAND's status; prints one closing line (rosa_report_exit).
+# COMMAND runs in a process group of its own, so torchrun's agent, with its SIGKILL timer, is not
+# signalled along with this launcher; it gets SIGTERM if this launcher dies. Training processes
+# that outlive COMMAND (its agent was killed) are stopped the same way and waited for. Exits 75
+# when the run stopped on a signal with its checkpoint saved (or before any training process
+# started), else with COMMAND's status, after one closing line (rosa_report_exit).
 rosa_launch() {
   _rosa_who=$1 _rosa_what=$2 _rosa_stop="" _rosa_told=" " _rosa_deadline=0 _rosa_killed=""
   shift 2
@@ -64,7 +67,8 @@ rosa_launch() {
   trap '_rosa_ask SIGTERM TERM || true' TERM  # `|| true`: under `set -e` a failing trap ends the script
   trap '_rosa_ask SIGHUP TERM || true' HUP
   trap '_rosa_interrupt || true' INT
-  "$@" &  # started with SIGUSR1 ignored (above) and, in the background, SIGINT too
+  # Started with SIGUSR1 ignored (above) and, in the background, SIGINT too.
+  "$PYTHON" -c "$_ROSA_DETACH" "$$" "$@" &
   _rosa_child=$!
   trap '_rosa_ask SIGUSR1 USR1 || true' USR1
   while kill -0 "$_rosa_child" 2>/dev/null; do
@@ -84,6 +88,14 @@ rosa_launch() {
   fi
   rosa_report_exit "$_rosa_who" "$rc" "$_rosa_what"
 }
+
+_ROSA_DETACH='import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG, kept across exec
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit("rosa_launch: the launcher exited before its command started")
+os.setpgid(0, 0)
+os.execvp(sys.argv[2], sys.argv[2:])'
 
 _rosa_ask() {  # _rosa_ask WHAT SIGNAL: a stop was asked for; pass SIGNAL on
   if [ -z "$_rosa_stop" ]; then
@@ -129,7 +141,7 @@ _rosa_kill() {  # _rosa_kill STATUS: SIGKILL the training processes and COMMAND;
     pid=${file##*/worker-}
     ! _rosa_ours "$pid" || kill -s KILL "$pid" 2>/dev/null || true
   done
-  kill -s KILL "$_rosa_child" 2>/dev/null || true
+  kill -s KILL -- "-$_rosa_child" 2>/dev/null || kill -s KILL "$_rosa_child" 2>/dev/null || true
   return 0
 }
 

@@ -13,4 +13,5 @@ if [ "$NPROC" -le 1 ]; then
   exit
 fi
 if [ "$gpus" -gt 0 ]; then export GPUS_PER_NODE=$NPROC; else export GPUS_PER_NODE=0 CPU_PROCS_PER_NODE=$NPROC; fi
+trap - USR1  # a shell started with a signal ignored cannot trap it: multinode.sh must pass SIGUSR1 on
 NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29500} exec "$here/multinode.sh" "$@"

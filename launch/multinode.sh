@@ -21,7 +21,8 @@ case "$ENGINE:$gpus" in
   fsdp2:0) engine_args=(--multi_gpu); set -- "$@" --fsdp true ;;  # CPU: rosa-train shards itself
   fsdp2:*) engine_args=(--config_file "$here/../configs/accelerate/fsdp2.yaml") ;;
   zero3:0) die "ENGINE=zero3 needs GPUs" ;;
-  zero3:*) engine_args=(--config_file "$here/../configs/accelerate/zero3.yaml") ;;
+  zero3:*) engine_args=(--config_file "$here/../configs/accelerate/zero3.yaml"  # each node starts its own
+                        --deepspeed_multinode_launcher standard) ;;  # processes (not pdsh/ssh from node 0)
   ddp:*) engine_args=(--multi_gpu) ;;
   *) die "ENGINE must be fsdp2, zero3 or ddp, not '$ENGINE'" ;;
 esac
