@@ -15,12 +15,14 @@ export PYTHON=${PYTHON:-python3}  # the interpreter that has rosa_scale (e.g. a 
 #   ROSA_SAVE_TIMEOUT  seconds a stopped run may take to save its checkpoint before it is killed
 export ROSA_SAVE_TIMEOUT=${ROSA_SAVE_TIMEOUT:-600}
 # torchrun's agent (also inside accelerate launch) passes the signals it handles on to the training
-# processes, then SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (torch >= 2.12; older
-# torch: 30 s). Signals sent to a launcher or its process group never reach the agent (rosa_launch
-# below); SIGTERM sent to the agent itself, as SLURM does to every process of a job, is passed on
-# with that much time to save. It leaves SIGINT (a Ctrl-C) and SIGUSR1 to the launcher: SIGINT is
-# ignored by background processes, SIGUSR1 by everything a launcher starts (the default would kill).
-export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGHUP,SIGQUIT}
+# processes and SIGKILLs them 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT from torch 2.12 on):
+# too soon for a large model's save. So it handles only SIGQUIT (quit now); SIGTERM or SIGHUP end
+# the agent itself, and its training processes, told so by Linux (rosa_scale/launcher_link.py),
+# stop at their next step with a checkpoint. SIGINT and SIGUSR1 it ignores, as everything a
+# launcher starts does (SIGINT in the background; SIGUSR1 would kill): the launcher passes them on.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGQUIT}
+# An agent that fails (another node's agent, which held the rendezvous, is gone) SIGTERMs its
+# training processes: they save first, given this long (torch >= 2.12).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$ROSA_SAVE_TIMEOUT
 trap '' USR1
 
@@ -46,19 +48,22 @@ rosa_report_exit() {
   return "$rc"
 }
 
-# rosa_launch WHO WHAT COMMAND...: run COMMAND (torchrun, accelerate launch or rosa-train itself) and
-# pass stop signals on to the training processes. torchrun and accelerate start those in sessions
-# of their own, out of reach of a signal to this launcher or its process group, so each one
-# registers in a private ROSA_LAUNCH_DIR (rosa_scale/launcher_link.py). SIGTERM and SIGUSR1 are
-# passed on as they are, SIGINT (a first Ctrl-C) and SIGHUP as SIGTERM, also to processes that
-# register later; each finishes its step, saves a checkpoint and exits 75. A second Ctrl-C, or
-# ROSA_SAVE_TIMEOUT seconds without an end, kills them (the previous checkpoint stays usable).
-# COMMAND runs in a process group of its own, so torchrun's agent, with its SIGKILL timer, is not
-# signalled along with this launcher; it gets SIGTERM if this launcher dies. Training processes
-# that outlive COMMAND (its agent was killed) are stopped the same way and waited for. Exits 75
-# when the run stopped on a signal with its checkpoint saved (or before any training process
-# started), else with COMMAND's status, after one closing line (rosa_report_exit).
+# rosa_launch [--agent] WHO WHAT COMMAND...: run COMMAND (torchrun, accelerate launch or rosa-train
+# itself) and pass stop signals on to the training processes. torchrun and accelerate start those
+# in sessions of their own, out of reach of a signal to this launcher or its process group, so
+# each one registers in a private ROSA_LAUNCH_DIR (rosa_scale/launcher_link.py). SIGTERM and
+# SIGUSR1 are passed on as they are, SIGINT (a first Ctrl-C) and SIGHUP as SIGTERM, also to
+# processes that register later; each finishes its step, saves a checkpoint and exits 75. A second
+# Ctrl-C, or ROSA_SAVE_TIMEOUT seconds without an end, kills them (the previous checkpoint stays
+# usable). COMMAND runs in a process group of its own (a Ctrl-C or a group signal reaches only this
+# launcher) and ends if this launcher dies: SIGTERM for rosa-train, SIGKILL for an agent (--agent),
+# whose training processes then stop on their own. Training processes that outlive COMMAND are
+# stopped the same way and waited for. Exits 75 when the run stopped on a signal with its
+# checkpoint saved (or before any training process started), else with COMMAND's status, after one
+# closing line (rosa_report_exit).
 rosa_launch() {
+  local on_launcher_death=TERM
+  if [ "$1" = --agent ]; then on_launcher_death=KILL; shift; fi
   _rosa_who=$1 _rosa_what=$2 _rosa_stop="" _rosa_told=" " _rosa_deadline=0 _rosa_killed=""
   shift 2
   ROSA_LAUNCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/rosa-launch.XXXXXX")
@@ -68,7 +73,7 @@ rosa_launch() {
   trap '_rosa_ask SIGHUP TERM || true' HUP
   trap '_rosa_interrupt || true' INT
   # Started with SIGUSR1 ignored (above) and, in the background, SIGINT too.
-  "$PYTHON" -c "$_ROSA_DETACH" "$$" "$@" &
+  "$PYTHON" -c "$_ROSA_DETACH" "$$" "SIG$on_launcher_death" "$@" &
   _rosa_child=$!
   trap '_rosa_ask SIGUSR1 USR1 || true' USR1
   while kill -0 "$_rosa_child" 2>/dev/null; do
@@ -90,12 +95,13 @@ rosa_launch() {
 }
 
 _ROSA_DETACH='import ctypes, os, signal, sys
+launcher, on_launcher_death, command = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
 if sys.platform.startswith("linux"):
-    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG, kept across exec
-    if os.getppid() != int(sys.argv[1]):
+    ctypes.CDLL(None).prctl(1, int(on_launcher_death), 0, 0, 0)  # PR_SET_PDEATHSIG, kept across exec
+    if os.getppid() != launcher:
         sys.exit("rosa_launch: the launcher exited before its command started")
 os.setpgid(0, 0)
-os.execvp(sys.argv[2], sys.argv[2:])'
+os.execvp(command[0], command)'
 
 _rosa_ask() {  # _rosa_ask WHAT SIGNAL: a stop was asked for; pass SIGNAL on
   if [ -z "$_rosa_stop" ]; then

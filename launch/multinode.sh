@@ -26,7 +26,7 @@ case "$ENGINE:$gpus" in
   ddp:*) engine_args=(--multi_gpu) ;;
   *) die "ENGINE must be fsdp2, zero3 or ddp, not '$ENGINE'" ;;
 esac
-rosa_launch multinode.sh "node $NODE_RANK of $NNODES" \
+rosa_launch --agent multinode.sh "node $NODE_RANK of $NNODES" \
   "$PYTHON" -m accelerate.commands.launch "${engine_args[@]}" \
   --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes $(( NNODES * per_node )) \
   --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \

@@ -10,7 +10,7 @@ source "$here/env.sh"
 gpus=$(rosa_gpus_per_node)
 nproc=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 NNODES=${NNODES:-1}
-rosa_launch torchrun.sh "node ${NODE_RANK:-0} of $NNODES" \
+rosa_launch --agent torchrun.sh "node ${NODE_RANK:-0} of $NNODES" \
   "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --rdzv_conf "join_timeout=$ROSA_JOIN_TIMEOUT" --max_restarts 0 \
