@@ -7,11 +7,12 @@ A launcher therefore makes a folder and exports ``ROSA_LAUNCH_DIR``; each worker
 and, when it stops on a signal with its checkpoint saved, ``resumable`` (the launcher then
 exits 75).
 
-Under a launcher a worker also treats SIGINT and SIGHUP as SIGTERM (torchrun passes a Ctrl-C or
-a hang-up on as it is, and both should stop with a checkpoint, not kill), and a SIGTERM/SIGUSR1
-that arrives before rosa-train's own handler (``preemption.PreemptionWatch``) is installed is
-handed to it once it is, instead of killing the process; one that arrives after that handler was
-removed again (the run is over) is ignored. Without the variable none of this happens.
+Under a launcher a worker also treats SIGINT and SIGHUP as SIGTERM (a Ctrl-C or a hang-up that
+reaches it, e.g. passed on by a torchrun that handles them, stops it with a checkpoint, not a
+traceback), and a SIGTERM/SIGUSR1 that arrives before rosa-train's own handler
+(``preemption.PreemptionWatch``) is installed is handed to it once it is, instead of killing the
+process; one that arrives after that handler was removed again (the run is over) is ignored.
+Without the variable none of this happens.
 
 Any torch elastic worker (torchrun, accelerate launch), launcher or not, asks Linux for SIGTERM
 when its agent dies (``PR_SET_PDEATHSIG``): a SIGKILLed agent leaves no worker training orphaned;
