@@ -54,6 +54,15 @@ class RosaConfig:
     round-to-nearest, no bias removed; kept for experiments)."""
     seed: int = 0
     """Seeds the choice of triplets: (seed, resample index, module name) -> window."""
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Quantize the targeted layers once with bitsandbytes (4-bit nf4/fp4 with double quantization,
+    or int8) and keep them frozen: each resample folds the trained window into a low-rank stack
+    beside the base instead of re-quantizing it (see rosa_scale/quant.py). One process or DDP;
+    fixed_dtype and stochastic_rounding do not apply."""
+    stack_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Storage of the stack of finished windows with a quantized base. bf16 rounds each folded
+    update by ~2^-9 of the update itself (its factors are differences); float32 keeps it exactly
+    at twice the memory."""
 
 
 @dataclass
@@ -233,6 +242,9 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     validate_rosa(cfg.rosa, prefix="rosa.")
+    if cfg.rosa.quantize != "none":
+        raise ConfigError("config key 'rosa.quantize' is not available in rosa-train yet (its checkpoints cannot "
+                          "hold a quantized base): use the Python API, apply_rosa(model, RosaConfig(quantize=...))")
 
 
 def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:

@@ -89,6 +89,14 @@ class RosaLinear(nn.Module):
         for param, value in zip((self.weight_param, self.up, self.down), new):
             param.copy_(value)
 
+    def follow_resplit_(self) -> None:
+        """What a DDP replica that does not own this matrix does at a resplit, before the owner's
+        ``resplit_tensors()`` arrive by broadcast: nothing here (quantized layers fold their window)."""
+
+    def resplit_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a resplit writes, which the owner broadcasts to the other DDP replicas."""
+        return self.weight_param.data, self.up.data, self.down.data
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``w_fixed + up @ down`` (out x in) in fp32."""

@@ -3,6 +3,8 @@
 ``apply_rosa`` wraps the targeted linear layers in ``RosaLinear``, freezes everything else and
 (by default) makes the first split, so the model computes exactly what it did. ``merge_rosa``
 folds the factors back and returns the original architecture with plain weights.
+With ``RosaConfig(quantize=...)`` the targeted layers are quantized here (``rosa_scale.quant``)
+and merging gives plain ``nn.Linear`` layers again, dequantized, in the dtype they had before.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn as nn
 from .config import RosaConfig, validate_rosa
 from .engines import engine_for
 from .layer import RosaLinear, is_linear, linear_shape, resolve_rank
+from .quant import QuantRosaLinear, ignore_in_ddp, is_quantized_linear, wrap_quantized
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,8 +124,19 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
-        _set_submodule(model, n, RosaLinear(model.get_submodule(n), ranks[n], _DTYPES[config.adapter_dtype]))
-    if config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter
+        if is_quantized_linear(model.get_submodule(n)):
+            raise ValueError(f"target module {n!r} is already quantized ({type(model.get_submodule(n)).__name__}): load "
+                             "the model unquantized and pass RosaConfig(quantize=...), which quantizes the targets")
+    for n in names:
+        layer, dtype = model.get_submodule(n), _DTYPES[config.adapter_dtype]
+        if config.quantize != "none":
+            wrapped = wrap_quantized(layer, ranks[n], config, dtype)
+        else:
+            wrapped = RosaLinear(layer, ranks[n], dtype)
+        _set_submodule(model, n, wrapped)
+    if config.quantize != "none":
+        ignore_in_ddp(model)
+    elif config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter
         for layer in rosa_layers(model).values():
             layer.weight_param.data = layer.weight_param.data.float()
     model.rosa_state = RosaState(config=config, split_index=0, requires_grad=requires_grad)
@@ -133,9 +147,18 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
 
 @torch.no_grad()
 def merge_rosa(model: nn.Module) -> nn.Module:
-    """Fold every ``up @ down`` into its weight and unwrap: the original architecture again."""
+    """Fold every ``up @ down`` into its weight and unwrap: the original architecture again.
+
+    A quantized layer becomes a plain ``nn.Linear`` holding ``deq(Q0) + S + up @ down - up0 @ down0``
+    in the dtype its weight had before ``apply_rosa`` quantized it (bf16 for a model loaded in bf16).
+    """
     state = rosa_state(model)
+    if state.config.quantize != "none":
+        ignore_in_ddp(model, undo=True)
     for name, layer in rosa_layers(model).items():
+        if isinstance(layer, QuantRosaLinear):  # a plain nn.Linear in the layer's dtype before quantization
+            _set_submodule(model, name, layer.to_plain())
+            continue
         w = layer.merged_weight()
         weight = layer.base.weight
         weight.copy_((w.T if layer.transposed else w).to(weight.dtype))

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..factorize import window_generator
 from ..layer import resplit_values
+from ..quant import refuse_quantized
 from .local import world
 from .plan import owner_queues
 from .state import reset_optimizer_state
@@ -35,6 +36,9 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfl
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from ..model import rosa_layers
+
+    refuse_quantized(rosa_layers(model), "FSDP2")
     if mesh is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
@@ -74,6 +78,7 @@ class Fsdp2Engine:
     def resplit(self, model, layers, index: int, config) -> None:
         from torch.distributed.fsdp import FSDPModule
 
+        refuse_quantized(layers, "FSDP2")
         for module in model.modules():  # a no_grad forward leaves the root unsharded: writes would be lost
             if isinstance(module, FSDPModule):
                 module.reshard()

@@ -2,6 +2,8 @@
 
 Under DDP each matrix is factorized by its owner rank only and then broadcast, so the
 factorization work is spread over the ranks and every replica holds bit-identical values.
+A quantized layer's base is never written: each replica folds the finished window into its
+stack itself (element-wise, so bit-identically) and the owner broadcasts only the new factors.
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ class LocalEngine:
         for name, layer in layers.items():
             if owners[name] == rank:
                 layer.resplit_(window_generator(config.seed, index, name), config)
+            elif size > 1:
+                layer.follow_resplit_()
         if size > 1:
             handles = [
                 dist.broadcast(t, src=owners[name], async_op=True)
                 for name, layer in layers.items()
-                for t in (layer.weight_param.data, layer.up.data, layer.down.data)
+                for t in layer.resplit_tensors()
             ]
             for handle in handles:
                 handle.wait()

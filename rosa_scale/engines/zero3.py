@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..factorize import window_generator
 from ..layer import resplit_values
+from ..quant import refuse_quantized
 from .local import world
 from .plan import owner_queues
 
@@ -36,6 +37,7 @@ class Zero3Engine:
 
     @torch.no_grad()
     def resplit(self, model, layers, index: int, config) -> None:
+        refuse_quantized(layers, "DeepSpeed ZeRO-3")
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 

@@ -1,0 +1,244 @@
+"""ROSA over a frozen 4-bit or 8-bit base (bitsandbytes): the base is quantized once, never rewritten.
+
+A quantized base cannot take a resample's merge: one dequantize -> add -> re-quantize cycle with
+NF4 (block 64) keeps about 1.5% of a merged update of relative size 1e-2, so most of what a
+window learned would be rounded away. ``QuantRosaLinear`` keeps instead::
+
+    W_eff = deq(Q0) + S + (up - up0) @ down + up0 @ (down - down0)
+
+- ``Q0``: the original weight, quantized once (``Linear4bit`` nf4/fp4 with double quantization,
+  computing in the model's dtype, or ``Linear8bitLt`` int8), frozen;
+- ``up0, down0``: frozen copies of the factors at the window's split, so the last two terms are
+  ``up @ down - up0 @ down0``, the current window's change, exactly 0 right after a split;
+- ``S = stack_up @ stack_down``: every finished window's change, appended at each resample as
+  columns ``[up - up0, up0]`` of ``stack_up`` (out x c) and rows ``[down; down - down0]`` of
+  ``stack_down`` (c x in). Each product has one update-sized factor (a difference), so storing the
+  stack in bf16 rounds the update by ~2^-9 of itself, never by a fraction of the weight.
+
+A resample folds the window into ``S``, splits ``deq(Q0) + S`` (fp32) on the new window with
+``rosa_scale.factorize.split`` and copies the new factors into ``up``/``down`` and ``up0``/``down0``:
+nothing is re-quantized, so the model's function changes only by the stack's rounding of the
+folded update. The stack grows by ``2 r (out + in)`` elements per resample (for 4096 x 4096 at
+r=16: 512 KiB in bf16, 6% of the NF4 base's 8 MiB), and its matmuls by as many flops per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .factorize import split
+from .layer import RosaLinear
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+_STACK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Frozen tensors DDP must not broadcast at every forward: the resample keeps them identical itself.
+_DDP_IGNORED = ("up0", "down0", "stack_up", "stack_down", "frozen_peak")
+
+
+def bitsandbytes():
+    """The bitsandbytes module, or one line saying how to get it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("config key 'rosa.quantize' needs bitsandbytes: pip install 'rosa-scale[bnb]'") from None
+    return bnb
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes linear layer (Linear4bit, Linear8bitLt, ...), without importing bitsandbytes."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes"
+
+
+def quantize_linear(layer: nn.Linear, quant_type: str) -> nn.Module:
+    """A frozen bitsandbytes copy of ``layer`` on its device: ``Linear4bit`` (nf4/fp4, double
+    quantization, computing in the layer's dtype: bf16 for a bf16 model) or ``Linear8bitLt`` (int8,
+    no fp16 weights kept); the bias is kept as it is."""
+    if type(layer) is not nn.Linear:
+        raise ConfigError(f"rosa.quantize works on nn.Linear layers, not {type(layer).__name__}")
+    bnb = bitsandbytes()
+    weight, bias, device = layer.weight.detach(), layer.bias, layer.weight.device
+    if quant_type in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias is not None,
+                              compute_dtype=weight.dtype, compress_statistics=True, quant_type=quant_type,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type=quant_type,
+                                     module=q)
+    elif quant_type == "int8":
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias is not None,
+                                has_fp16_weights=False, device="meta")
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ConfigError(f"config key 'rosa.quantize' must be one of {', '.join(QUANT_TYPES)} or 'none', got {quant_type!r}")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes when its parameter is moved to a device
+
+
+@torch.no_grad()
+def dequantize(base: nn.Module) -> torch.Tensor:
+    """The (out x in) weight a bitsandbytes layer holds, in fp32."""
+    w = base.weight
+    if hasattr(w, "quant_state"):  # Params4bit
+        return bitsandbytes().functional.dequantize_4bit(w.data, w.quant_state).float()
+    scale = getattr(w, "SCB", None)
+    if scale is None:  # Linear8bitLt moves the scales to its state at the first forward
+        scale = getattr(getattr(base, "state", None), "SCB", None)
+    if scale is not None:  # Int8Params: int8 rows with absmax scaling
+        return w.data.float() * (scale.float()[:, None] / 127.0)
+    raise TypeError(f"{type(base).__name__} holds no quantized weight to dequantize")
+
+
+def quant_type_of(base: nn.Module) -> str:
+    w = base.weight
+    return getattr(w, "quant_type", None) or "int8"
+
+
+class QuantRosaLinear(RosaLinear):
+    """``base(x) + S(x) + (up - up0)(down(x)) + up0((down - down0)(x))`` over a frozen quantized ``base``.
+
+    ``up``/``down`` are the trained Parameters (never replaced); ``up0``, ``down0``, ``stack_up``,
+    ``stack_down`` are buffers (frozen; the stack's are replaced by longer ones at a resample).
+    ``merge_dtype`` is the dtype of the plain weight ``merge_rosa`` gives back.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, adapter_dtype: torch.dtype = torch.float32,
+                 stack_dtype: torch.dtype = torch.bfloat16, merge_dtype: torch.dtype = torch.bfloat16):
+        if not is_quantized_linear(base):
+            raise TypeError(f"QuantRosaLinear needs a bitsandbytes layer, got {type(base).__name__}")
+        super().__init__(base, rank, adapter_dtype)
+        self.merge_dtype = merge_dtype
+        self.windows = 0  # splits made so far; the first one has no trained window to fold
+        device, out_features, in_features = self.up.device, self.out_features, self.in_features
+        self.register_buffer("up0", torch.zeros_like(self.up))
+        self.register_buffer("down0", torch.zeros_like(self.down))
+        self.register_buffer("stack_up", torch.zeros(out_features, 0, dtype=stack_dtype, device=device))
+        self.register_buffer("stack_down", torch.zeros(0, in_features, dtype=stack_dtype, device=device))
+        peak = dequantize(base).abs().amax().reshape(1)
+        self.register_buffer("frozen_peak", peak)
+
+    @property
+    def weight_param(self) -> torch.Tensor:
+        """A bound of ``max |deq(Q0) + S|`` (1 element, fp32), in place of ``w_fixed`` for the guard.
+
+        The quantized base is never written, so it cannot turn non-finite; what can is the stack,
+        whose growth this bound follows (inf if anything folded was not finite). With it the guard's
+        test ``peak + r max|up| max|down|`` bounds the effective weight the next split will form.
+        """
+        return self.frozen_peak
+
+    def fixed_weight(self) -> torch.Tensor:
+        raise TypeError("a quantized ROSA layer has no w_fixed; merged_weight() gives its effective weight")
+
+    @torch.no_grad()
+    def frozen_weight(self) -> torch.Tensor:
+        """``deq(Q0) + S`` (out x in) in fp32: the effective weight right after a split."""
+        w = dequantize(self.base)
+        if self.stack_up.shape[1]:
+            w.addmm_(self.stack_up.float(), self.stack_down.float())
+        return w
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``deq(Q0) + S + up @ down - up0 @ down0`` (out x in) in fp32."""
+        up, down, up0, down0 = (t.float() for t in (self.up, self.down, self.up0, self.down0))
+        w = self.frozen_weight()
+        w.addmm_(up - up0, down)
+        w.addmm_(up0, down - down0)
+        return w
+
+    def _window_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out x 2r, 2r x in) whose product is the current window's change ``up down - up0 down0``."""
+        return (torch.cat([self.up - self.up0, self.up0], dim=1), torch.cat([self.down, self.down - self.down0]))
+
+    @torch.no_grad()
+    def fold_window_(self) -> None:
+        """Append the current window's change to the stack (no-op before the first split).
+
+        Element-wise work on the factors only, so DDP replicas, whose factors are identical, fold
+        bit-identically without communicating.
+        """
+        if self.windows == 0:
+            return
+        new_up, new_down = self._window_factors()
+        bound = (new_up.abs().amax(dim=0) * new_down.abs().amax(dim=1)).sum().float()
+        self.frozen_peak.add_(torch.nan_to_num(bound, nan=float("inf")))
+        self.stack_up = torch.cat([self.stack_up, new_up.to(self.stack_up.dtype)], dim=1)
+        self.stack_down = torch.cat([self.stack_down, new_down.to(self.stack_down.dtype)])
+
+    @torch.no_grad()
+    def resplit_(self, generator: torch.Generator, config) -> None:
+        """Fold the window into the stack, split ``deq(Q0) + S`` on a new window, copy in place."""
+        self.fold_window_()
+        w = self.frozen_weight()
+        if config.factorize_device == "cpu":
+            w = w.cpu()
+        _, up, down = split(w, self.rank, method=config.method, sampling=config.sampling, generator=generator,
+                            overwrite=True)  # w_fixed is not needed: the base stays as it is
+        del w
+        self.up.copy_(up)
+        self.down.copy_(down)
+        self.up0.copy_(self.up)  # after the cast to the factors' dtype: the window starts at exactly 0
+        self.down0.copy_(self.down)
+        self.windows += 1
+
+    def follow_resplit_(self) -> None:
+        """A replica that does not own this matrix: fold like the owner; the factors come by broadcast."""
+        self.fold_window_()
+        self.windows += 1
+
+    def resplit_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.up.data, self.down.data, self.up0, self.down0
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.Linear:
+        """A plain ``nn.Linear`` in ``merge_dtype`` holding the dequantized, merged weight and the bias."""
+        bias = self.base.bias
+        plain = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=self.up.device,
+                          dtype=self.merge_dtype)
+        plain.weight.copy_(self.merged_weight())
+        if bias is not None:
+            plain.bias.copy_(bias)
+        return plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.stack_up.shape[1]:
+            xs = x.to(self.stack_up.dtype)
+            out = out + F.linear(F.linear(xs, self.stack_down), self.stack_up).to(out.dtype)
+        up, down = self._window_factors()
+        delta = F.linear(F.linear(x.to(down.dtype), down), up)
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, quantize={quant_type_of(self.base)}, adapter_dtype={self.up.dtype}, "
+                f"stack={tuple(self.stack_up.shape)}/{self.stack_up.dtype}")
+
+
+def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dtype) -> QuantRosaLinear:
+    """Quantize ``layer`` (an nn.Linear) as ``config.quantize`` says and wrap it."""
+    merge_dtype = layer.weight.dtype
+    return QuantRosaLinear(quantize_linear(layer, config.quantize), rank, adapter_dtype,
+                           stack_dtype=_STACK_DTYPES[config.stack_dtype], merge_dtype=merge_dtype)
+
+
+def _frozen_buffer_names(model: nn.Module) -> set[str]:
+    return {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantRosaLinear) for b in _DDP_IGNORED}
+
+
+def ignore_in_ddp(model: nn.Module, *, undo: bool = False) -> None:
+    """Keep DDP from broadcasting the frozen ROSA buffers from rank 0 at every forward (the stack
+    grows with each resample); the resample itself keeps them identical on every rank.
+    ``undo=True`` takes the names out again (before the layers are merged away)."""
+    names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    names = names - _frozen_buffer_names(model) if undo else names | _frozen_buffer_names(model)
+    model._ddp_params_and_buffers_to_ignore = sorted(names)
+
+
+def refuse_quantized(layers, engine: str) -> None:
+    """One line for engines that cannot hold a quantized base yet (FSDP2, DeepSpeed ZeRO-3)."""
+    quantized = [n for n, layer in layers.items() if isinstance(layer, QuantRosaLinear)]
+    if quantized:
+        raise ConfigError(f"config key 'rosa.quantize' ({quant_type_of(layers[quantized[0]].base)}) is not "
+                          f"supported under {engine}: train a quantized base in one process or under DDP")
