@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .factorize import merge
 from .model import rosa_layers
+from .quant import QuantRosaLinear
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-    """The state dict of the original architecture with ``w_fixed + up @ down`` folded in.
+    """The state dict of the original architecture with ``w_fixed + up @ down`` folded in (for a
+    quantized layer: ``deq(Q0) + S + up @ down - up0 @ down0``, as ``merge_rosa`` gives it).
 
     Every process must call it (FSDP2 and ZeRO-3 tensors are gathered one at a time); the
     dict, on the CPU, is returned on rank 0 (or without a process group) and None elsewhere.
@@ -53,6 +55,12 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     layers = rosa_layers(model)
     out = {}
     for key in model.state_dict():
+        quantized = _quantized_entry(layers, key)
+        if quantized is not None:  # a whole layer: one process or DDP, nothing to gather
+            if keep and quantized[1] is not None:
+                cast = dtype if dtype is not None else quantized[1].dtype
+                out[quantized[0]] = quantized[1].to("cpu", cast)
+            continue
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf in ("up", "down"):
             continue
@@ -74,6 +82,20 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
             cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
             out[key] = value.to("cpu", cast)
     return out if keep else None
+
+
+def _quantized_entry(layers: dict, key: str) -> tuple[str, torch.Tensor | None] | None:
+    """For a state-dict key inside a quantized ROSA layer: (plain key, merged value), or (key, None) for
+    its parts the plain layer does not have (quantization state, factors, stack); None elsewhere."""
+    owner = key.split(".base.")[0] if ".base." in key else key.rpartition(".")[0]
+    layer = layers.get(owner)
+    if not isinstance(layer, QuantRosaLinear):
+        return None
+    if key == owner + ".base.weight":
+        return owner + ".weight", layer.merged_weight().to(layer.merge_dtype)
+    if key == owner + ".base.bias":
+        return owner + ".bias", layer.base.bias.detach().to(layer.merge_dtype)
+    return key, None
 
 
 def save_hf_folder(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:

@@ -13,6 +13,7 @@ pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip i
 
 from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, merge_rosa, resample, rosa_layers  # noqa: E402
 from rosa_scale.config import ConfigError, load_config  # noqa: E402
+from rosa_scale.export import merged_state_dict  # noqa: E402
 from rosa_scale.factorize import window_generator  # noqa: E402
 from rosa_scale.guard import nonfinite_layers  # noqa: E402
 from rosa_scale.quant import QuantRosaLinear, dequantize, quantize_linear, refuse_quantized  # noqa: E402
@@ -106,12 +107,21 @@ def test_merged_updates_survive(stack_dtype, max_error):
     assert layer.stack_up.shape == (256, 5 * 2 * 8)
 
 
-def test_train_step_resample_step_touches_only_the_factors():
+@pytest.mark.parametrize("optimizer_name", ["AdamW", "AdamW8bit"])
+def test_train_step_resample_step_touches_only_the_factors(optimizer_name):
+    """Loss falls through a resample; gradients reach up/down only. bitsandbytes' AdamW8bit keeps
+    per-parameter state (state1/2 in uint8, absmax1/2, qmap1/2, step): the resample's reset drops
+    it and the optimizer starts it again (step 1) at the next step."""
+    import bitsandbytes as bnb
+
     model = tiny_llama()
     apply_rosa(model, RosaConfig(rank=4, quantize="nf4"))
     params = adapter_parameters(model)
     ids = {id(p) for p in params}
-    optimizer = torch.optim.AdamW(params, lr=2e-2)
+    if optimizer_name == "AdamW":
+        optimizer = torch.optim.AdamW(params, lr=2e-2)
+    else:  # 8-bit state even for the tiny factors
+        optimizer = bnb.optim.AdamW8bit(params, lr=2e-2, min_8bit_size=64)
     batch = IDS[:1]
     losses = []
     for step in range(6):
@@ -124,8 +134,12 @@ def test_train_step_resample_step_touches_only_the_factors():
         optimizer.zero_grad()
         losses.append(loss.item())
         if step == 2:
+            if optimizer_name == "AdamW8bit":
+                assert optimizer.state[params[0]]["state1"].dtype == torch.uint8
             resample(model, optimizer)
             assert not optimizer.state  # the factors' Adam state starts again
+        if step == 3 and optimizer_name == "AdamW8bit":
+            assert int(optimizer.state[params[0]]["step"]) == 1
     assert adapter_parameters(model) == params  # the optimizer still holds the model's factors
     assert losses[-1] < losses[3] < losses[0]
 
@@ -147,7 +161,11 @@ def test_merge_gives_plain_linear_layers_with_the_same_outputs(dtype):
     resample(model)
     _train_like(model, gen, 0.05)
     quantized = _logits(model).float()
+    exported = merged_state_dict(model)
     merged = merge_rosa(model)
+    assert exported.keys() == merged.state_dict().keys()
+    for key, value in merged.state_dict().items():
+        assert torch.equal(exported[key], value), key
     plain = _logits(merged).float()
     targets = [m for m in merged.modules() if type(m) is nn.Linear]
     assert len(targets) == 2 * 7 + 1 and all(m.weight.dtype == dtype for m in targets)
