@@ -3,8 +3,9 @@
 ``apply_rosa`` wraps the targeted linear layers in ``RosaLinear``, freezes everything else and
 (by default) makes the first split, so the model computes exactly what it did. ``merge_rosa``
 folds the factors back and returns the original architecture with plain weights.
-With ``RosaConfig(quantize=...)`` the targeted layers are quantized here (``rosa_scale.quant``)
-and merging gives plain ``nn.Linear`` layers again, dequantized, in the dtype they had before.
+With ``RosaConfig(quantize=...)`` the targeted layers are quantized here (``rosa_scale.quant``);
+targets already quantized (a model loaded with ``BitsAndBytesConfig``) are kept as the frozen base.
+Merging gives plain ``nn.Linear`` layers again, dequantized, in the dtype they had before.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch.nn as nn
 from .config import RosaConfig, validate_rosa
 from .engines import engine_for
 from .layer import RosaLinear, is_linear, linear_shape, resolve_rank
-from .quant import QuantRosaLinear, ignore_in_ddp, is_quantized_linear, wrap_quantized
+from .quant import (QuantRosaLinear, check_target, forget_quantization, ignore_in_ddp, is_quantized_linear,
+                    wrap_quantized)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,25 +122,26 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
         raise ValueError("apply_rosa was already applied to this model")
     names = find_target_modules(model, config)
     ranks = {n: resolve_rank(config.rank, *linear_shape(model.get_submodule(n))) for n in names}
+    for n in names:
+        check_target(n, model.get_submodule(n), config)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for n in names:
-        if is_quantized_linear(model.get_submodule(n)):
-            raise ValueError(f"target module {n!r} is already quantized ({type(model.get_submodule(n)).__name__}): load "
-                             "the model unquantized and pass RosaConfig(quantize=...), which quantizes the targets")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    model_dtype = getattr(embeddings, "weight", torch.empty(0, dtype=torch.bfloat16)).dtype
     for n in names:
         layer, dtype = model.get_submodule(n), _DTYPES[config.adapter_dtype]
-        if config.quantize != "none":
-            wrapped = wrap_quantized(layer, ranks[n], config, dtype)
+        if config.quantize != "none" or is_quantized_linear(layer):  # a base quantized here or at loading
+            wrapped = wrap_quantized(layer, ranks[n], config, dtype, model_dtype)
         else:
             wrapped = RosaLinear(layer, ranks[n], dtype)
         _set_submodule(model, n, wrapped)
-    if config.quantize != "none":
+    if any(isinstance(layer, QuantRosaLinear) for layer in rosa_layers(model).values()):
         ignore_in_ddp(model)
-    elif config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter
+    if config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter
         for layer in rosa_layers(model).values():
-            layer.weight_param.data = layer.weight_param.data.float()
+            if not isinstance(layer, QuantRosaLinear):
+                layer.weight_param.data = layer.weight_param.data.float()
     model.rosa_state = RosaState(config=config, split_index=0, requires_grad=requires_grad)
     if split:
         engine_for(model).resplit(model, rosa_layers(model), 0, config)
@@ -153,7 +156,8 @@ def merge_rosa(model: nn.Module) -> nn.Module:
     in the dtype its weight had before ``apply_rosa`` quantized it (bf16 for a model loaded in bf16).
     """
     state = rosa_state(model)
-    if state.config.quantize != "none":
+    quantized = any(isinstance(layer, QuantRosaLinear) for layer in rosa_layers(model).values())
+    if quantized:
         ignore_in_ddp(model, undo=True)
     for name, layer in rosa_layers(model).items():
         if isinstance(layer, QuantRosaLinear):  # a plain nn.Linear in the layer's dtype before quantization
@@ -166,4 +170,6 @@ def merge_rosa(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
     del model.rosa_state
+    if quantized:
+        forget_quantization(model)
     return model

@@ -76,11 +76,26 @@ def quantize_linear(layer: nn.Linear, quant_type: str) -> nn.Module:
     return q.to(device)  # bitsandbytes quantizes when its parameter is moved to a device
 
 
+def keep_standard_layout(base: nn.Module) -> None:
+    """Keep a ``Linear4bit`` in the layout ``dequantize_4bit`` reads. On CPUs with AVX512-BF16 its
+    forward in eval mode without gradients repacks the weight in place into a CPU-only layout (and fails
+    for in_features that are not a multiple of its block size): turn that off, and undo it where it
+    already happened (a model run in eval mode before ``apply_rosa``)."""
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+    w = base.weight
+    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
 @torch.no_grad()
 def dequantize(base: nn.Module) -> torch.Tensor:
     """The (out x in) weight a bitsandbytes layer holds, in fp32."""
     w = base.weight
     if hasattr(w, "quant_state"):  # Params4bit
+        keep_standard_layout(base)
         return bitsandbytes().functional.dequantize_4bit(w.data, w.quant_state).float()
     scale = getattr(w, "SCB", None)
     if scale is None:  # Linear8bitLt moves the scales to its state at the first forward
@@ -107,6 +122,7 @@ class QuantRosaLinear(RosaLinear):
                  stack_dtype: torch.dtype = torch.bfloat16, merge_dtype: torch.dtype = torch.bfloat16):
         if not is_quantized_linear(base):
             raise TypeError(f"QuantRosaLinear needs a bitsandbytes layer, got {type(base).__name__}")
+        keep_standard_layout(base)
         super().__init__(base, rank, adapter_dtype)
         self.merge_dtype = merge_dtype
         self.windows = 0  # splits made so far; the first one has no trained window to fold
@@ -216,11 +232,49 @@ class QuantRosaLinear(RosaLinear):
                 f"stack={tuple(self.stack_up.shape)}/{self.stack_up.dtype}")
 
 
-def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dtype) -> QuantRosaLinear:
-    """Quantize ``layer`` (an nn.Linear) as ``config.quantize`` says and wrap it."""
-    merge_dtype = layer.weight.dtype
-    return QuantRosaLinear(quantize_linear(layer, config.quantize), rank, adapter_dtype,
-                           stack_dtype=_STACK_DTYPES[config.stack_dtype], merge_dtype=merge_dtype)
+def check_target(name: str, layer: nn.Module, config) -> None:
+    """Refuse, before anything is wrapped, a target that ``config.quantize`` cannot make a frozen base of:
+    not an nn.Linear, a bitsandbytes layer without a quantized weight, or one quantized otherwise."""
+    if is_quantized_linear(layer):
+        if not hasattr(layer.weight, "quant_state") and getattr(layer.weight, "SCB", None) is None \
+                and getattr(getattr(layer, "state", None), "SCB", None) is None:
+            raise ConfigError(f"target module {name!r} is a {type(layer).__name__} without a quantized 4-bit or "
+                              "int8 weight: ROSA needs a frozen quantized base")
+        kind = quant_type_of(layer)
+        if config.quantize not in ("none", kind):
+            raise ConfigError(f"config key 'rosa.quantize' is {config.quantize!r} but target module {name!r} is "
+                              f"already quantized as {kind}: use quantize 'none' or {kind!r}")
+    elif config.quantize != "none" and type(layer) is not nn.Linear:
+        raise ConfigError(f"config key 'rosa.quantize' works on nn.Linear layers; target module {name!r} is a "
+                          f"{type(layer).__name__}")
+
+
+def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dtype,
+                   model_dtype: torch.dtype) -> QuantRosaLinear:
+    """Quantize ``layer`` (an nn.Linear) as ``config.quantize`` says and wrap it; a layer that is
+    already quantized (a model loaded with transformers' ``BitsAndBytesConfig``) is wrapped as it is
+    (``check_target`` has checked that ``config.quantize`` is 'none' or names its quantization)."""
+    stack_dtype = _STACK_DTYPES[config.stack_dtype]
+    if is_quantized_linear(layer):
+        state = getattr(layer.weight, "quant_state", None)  # merged back to the dtype it was quantized from
+        merge_dtype = state.dtype if state is not None and state.dtype.is_floating_point else model_dtype
+        return QuantRosaLinear(layer, rank, adapter_dtype, stack_dtype=stack_dtype, merge_dtype=merge_dtype)
+    return QuantRosaLinear(quantize_linear(layer, config.quantize), rank, adapter_dtype, stack_dtype=stack_dtype,
+                           merge_dtype=layer.weight.dtype)
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """After merging, a model loaded with ``BitsAndBytesConfig`` whose quantized layers are all gone
+    must not be saved as a quantized one: drop transformers' record of the quantization."""
+    if any(is_quantized_linear(m) for m in model.modules()):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr, plain in (("is_quantized", False), ("hf_quantizer", None), ("quantization_method", None),
+                        ("is_loaded_in_4bit", False), ("is_loaded_in_8bit", False)):
+        if hasattr(model, attr):
+            setattr(model, attr, plain)
 
 
 def _frozen_buffer_names(model: nn.Module) -> set[str]:

@@ -35,6 +35,7 @@ from .guard import DIVERGED_EXIT, DivergedError, agree, check_layers, nonfinite,
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
 from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
+from .quant import is_quantized_linear
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
@@ -246,6 +247,9 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     # is made after sharding, spread over the ranks; otherwise on the full weights right away.
     own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
+    if any(is_quantized_linear(m) for m in model.modules()):
+        raise ConfigError(f"model {cfg.model} is quantized (bitsandbytes): rosa-train cannot train a quantized base "
+                          "yet; use the Python API (apply_rosa) or an unquantized model")
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
     if deepspeed:
         _zero3_leaves(model, cfg.zero3_leaf_layers,

@@ -46,6 +46,10 @@ def test_resample_keeps_the_function(quantize, stack_dtype, tol):
     change (test_merged_updates_survive measures what it keeps)."""
     model = tiny_llama()
     apply_rosa(model, RosaConfig(rank=4, quantize=quantize, stack_dtype=stack_dtype))
+    # 4-bit in eval mode: bitsandbytes' CPU inference path must not repack the base (keep_standard_layout).
+    # int8 in training mode: in eval mode (and on GPUs) Linear8bitLt also rounds its inputs to int8 per row,
+    # so any change of a layer's input, however small, moves its output by that rounding.
+    model.train(quantize == "int8")
     gen = torch.Generator().manual_seed(1)
     for k in range(3):
         start = _logits(model)
@@ -155,7 +159,7 @@ def test_merge_gives_plain_linear_layers_with_the_same_outputs(dtype):
     bf16_noise = (_logits(model) - _logits(model.to(torch.bfloat16)).float()).abs().max() if dtype != torch.float32 else 0
     model = tiny_llama().to(dtype)
     original = _logits(model).float()
-    apply_rosa(model, RosaConfig(rank=4, quantize="nf4"))
+    apply_rosa(model, RosaConfig(rank=4, quantize="nf4")).eval()
     gen = torch.Generator().manual_seed(3)
     _train_like(model, gen, 0.05)
     resample(model)
@@ -211,9 +215,37 @@ def test_refusals_are_one_line():
         apply_rosa(tiny_llama(), RosaConfig(quantize="nf8"))
     prequantized = tiny_llama()
     prequantized.model.layers[0].mlp.up_proj = quantize_linear(prequantized.model.layers[0].mlp.up_proj, "nf4")
-    with pytest.raises(ValueError, match=r"^target module 'model.layers.0.mlp.up_proj' is already quantized "
-                                         r"\(Linear4bit\): load the model unquantized"):
-        apply_rosa(prequantized, RosaConfig(quantize="nf4"))
+    with pytest.raises(ConfigError, match=r"^config key 'rosa.quantize' is 'int8' but target module "
+                                          r"'model.layers.0.mlp.up_proj' is already quantized as nf4"):
+        apply_rosa(prequantized, RosaConfig(quantize="int8"))
+    assert not hasattr(prequantized, "rosa_state") and type(prequantized.model.layers[0].mlp.down_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_model_loaded_with_bitsandbytes_config(tmp_path, quantization):
+    """A model transformers loaded quantized keeps its quantized layers as the frozen base
+    (quantize 'none' or the same kind); merged, it is a plain bf16 model again that saves and loads
+    without bitsandbytes, with the merged outputs."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16) if quantization == "nf4" \
+        else BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=bnb_config,
+                                                 dtype=torch.bfloat16, device_map="cpu")
+    apply_rosa(model, RosaConfig(rank=4, quantize="none" if quantization == "nf4" else "int8"))
+    assert len(rosa_layers(model)) == 14 and all(isinstance(m, QuantRosaLinear) for m in rosa_layers(model).values())
+    gen = torch.Generator().manual_seed(4)
+    _train_like(model, gen, 0.05)
+    resample(model)
+    _train_like(model, gen, 0.05)
+    trained = _logits(model).float()
+    merge_rosa(model).save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.dtype == torch.bfloat16 and type(reloaded.model.layers[1].mlp.down_proj) is nn.Linear
+    assert (_logits(reloaded).float() - trained).abs().max() <= 0.05 * trained.abs().max()  # bf16 model: see above
 
 
 def test_ddp_replicas_end_bit_identical(tmp_path):
