@@ -34,7 +34,10 @@ from .layer import RosaLinear
 QUANT_TYPES = ("nf4", "fp4", "int8")
 _STACK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Frozen tensors DDP must not broadcast at every forward: the resample keeps them identical itself.
-_DDP_IGNORED = ("up0", "down0", "stack_up", "stack_down", "frozen_peak")
+_DDP_IGNORED = ("up0", "down0", "stack_up", "stack_down", "frozen_peak", "windows")
+# What a QuantRosaLinear adds to the frozen base in a state dict: all a resume needs beside the
+# original weights (the base is quantized again from them, deterministically).
+ROSA_TENSORS = ("up", "down") + _DDP_IGNORED
 
 
 def bitsandbytes():
@@ -127,14 +130,23 @@ class QuantRosaLinear(RosaLinear):
         keep_standard_layout(base)
         super().__init__(base, rank, adapter_dtype)
         self.merge_dtype = merge_dtype
-        self.windows = 0  # splits made so far; the first one has no trained window to fold
         device, out_features, in_features = self.up.device, self.out_features, self.in_features
+        # splits made so far (the first has no trained window to fold); a buffer, so it is saved with the stack
+        self.register_buffer("windows", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("up0", torch.zeros_like(self.up))
         self.register_buffer("down0", torch.zeros_like(self.down))
         self.register_buffer("stack_up", torch.zeros(out_features, 0, dtype=stack_dtype, device=device))
         self.register_buffer("stack_down", torch.zeros(0, in_features, dtype=stack_dtype, device=device))
         peak = dequantize(base).abs().amax().reshape(1)
         self.register_buffer("frozen_peak", peak)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The stack of a saved layer may hold more windows than this one: take its size first."""
+        for name in ("stack_up", "stack_down"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight_param(self) -> torch.Tensor:
@@ -177,7 +189,7 @@ class QuantRosaLinear(RosaLinear):
         Element-wise work on the factors only, so DDP replicas, whose factors are identical, fold
         bit-identically without communicating.
         """
-        if self.windows == 0:
+        if int(self.windows) == 0:
             return
         new_up, new_down = self._window_factors()
         bound = (new_up.abs().amax(dim=0) * new_down.abs().amax(dim=1)).sum().float()

@@ -34,7 +34,7 @@ def main() -> None:
         if step % 2 == 1:
             resample(ddp, optimizer)
     state = {name: {key: getattr(layer, key).detach().clone()
-                    for key in ("up", "down", "up0", "down0", "stack_up", "stack_down", "frozen_peak")}
+                    for key in ("up", "down", "up0", "down0", "stack_up", "stack_down", "frozen_peak", "windows")}
              for name, layer in rosa_layers(model).items()}
     torch.save({"rank": rank, "world_size": dist.get_world_size(), "layers": state, "losses": losses},
                f"{args.out}.{rank}")

@@ -180,6 +180,35 @@ def test_merge_gives_plain_linear_layers_with_the_same_outputs(dtype):
     assert (plain - quantized).abs().max() <= tol
 
 
+def test_rosa_tensors_load_into_a_fresh_model_with_a_shorter_stack():
+    """The base is quantized again from the original weights (the same codes); loading the ROSA tensors
+    (factors, frozen copies, stack, bound, window count) resizes the stack and continues exactly:
+    same logits, and the next resample gives bitwise what the first model's gives."""
+    from rosa_scale.quant import ROSA_TENSORS
+
+    model = tiny_llama()
+    apply_rosa(model, RosaConfig(rank=4, quantize="nf4"))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        _train_like(model, gen, 0.05)
+        resample(model)
+    _train_like(model, gen, 0.05)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ROSA_TENSORS}
+    fresh = tiny_llama()
+    apply_rosa(fresh, RosaConfig(rank=4, quantize="nf4"))
+    result = fresh.load_state_dict(saved, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if k.rsplit(".", 1)[-1] in ROSA_TENSORS]
+    assert torch.equal(_logits(fresh), _logits(model))
+    fresh.rosa_state.split_index = model.rosa_state.split_index  # as a resume restores it
+    resample(model)
+    resample(fresh)
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in ROSA_TENSORS:
+            assert torch.equal(fresh.state_dict()[key], value), key
+    assert int(rosa_layers(fresh)["model.layers.0.mlp.up_proj"].windows) == 4
+
+
 def test_guard_reads_the_stack_bound_and_the_factors():
     model = tiny_llama()
     apply_rosa(model, RosaConfig(rank=4, quantize="int8"))
