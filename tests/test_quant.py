@@ -293,3 +293,32 @@ def test_ddp_replicas_end_bit_identical(tmp_path):
         assert tensors["stack_up"].shape[1] == 2 * 2 * 4, name
         for key, value in tensors.items():
             assert torch.equal(value, ranks[1]["layers"][name][key]), (name, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+def test_on_gpu_bf16_resample_and_merge(quantize):
+    """The same invariants on CUDA kernels with a bf16 model: a resample moves the logits by at most 2%
+    of what the window's training moved them; the merged plain model differs from the quantized one by
+    3% of the trained change plus twice what running the model in bf16 instead of fp32 changes."""
+    ids = IDS.cuda()
+    model = tiny_llama().cuda()
+    with torch.no_grad():
+        bf16_noise = (model(ids).logits - model.to(torch.bfloat16)(ids).logits.float()).abs().max()
+    apply_rosa(model, RosaConfig(rank=4, quantize=quantize)).eval()
+    assert all(layer.base.weight.is_cuda for layer in rosa_layers(model).values())
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        start = model(ids).logits.float()
+        for p in adapter_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen).cuda() * 0.05 * p.abs().mean())
+        before = model(ids).logits.float()
+    resample(model)
+    with torch.no_grad():
+        after = model(ids).logits.float()
+    trained = (before - start).abs().max()
+    assert (after - before).abs().max() <= 0.02 * trained
+    merged = merge_rosa(model)
+    with torch.no_grad():
+        plain = merged(ids).logits.float()
+    assert (plain - after).abs().max() <= 0.03 * trained + 2 * bf16_noise
