@@ -299,8 +299,9 @@ def test_ddp_replicas_end_bit_identical(tmp_path):
 @pytest.mark.parametrize("quantize", ["nf4", "fp4"])
 def test_on_gpu_bf16_resample_and_merge(quantize):
     """The same invariants on CUDA kernels with a bf16 model: a resample moves the logits by at most 2%
-    of what the window's training moved them; the merged plain model differs from the quantized one by
-    3% of the trained change plus twice what running the model in bf16 instead of fp32 changes."""
+    of what the window's training moved them plus bf16 rounding (what running the model in bf16
+    instead of fp32 changes: the resample changes how the bf16 matmuls split the weight); the merged
+    plain model differs from the quantized one by 3% of the trained change plus twice that rounding."""
     ids = IDS.cuda()
     model = tiny_llama().cuda()
     with torch.no_grad():
@@ -317,8 +318,10 @@ def test_on_gpu_bf16_resample_and_merge(quantize):
     with torch.no_grad():
         after = model(ids).logits.float()
     trained = (before - start).abs().max()
-    assert (after - before).abs().max() <= 0.02 * trained
+    moved = (after - before).abs().max()
+    assert moved <= 0.02 * trained + bf16_noise, (moved.item(), trained.item(), bf16_noise.item())
     merged = merge_rosa(model)
     with torch.no_grad():
         plain = merged(ids).logits.float()
-    assert (plain - after).abs().max() <= 0.03 * trained + 2 * bf16_noise
+    gap = (plain - after).abs().max()
+    assert gap <= 0.03 * trained + 2 * bf16_noise, (gap.item(), trained.item(), bf16_noise.item())
