@@ -89,7 +89,7 @@ def _workers(proc):
 
 def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "signalled"
-    args = _train_args(tiny_model_dir, tiny_data, out, steps=200, extra=["--fsdp", "true", "--resume", "auto"])
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=40, extra=["--fsdp", "true", "--resume", "auto"])
     env = {**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -102,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     latest = out / "checkpoints" / "latest"
     assert latest.exists(), err[-3000:]
     stopped = int(latest.read_text().split("-")[1])
-    assert 3 <= stopped < 200 and not (out / "merged").exists()
+    assert 3 <= stopped < 40 and not (out / "merged").exists()
     assert f"stopped by a signal at step {stopped}" in stdout and proc.returncode == 75, err[-3000:]
 
     env["MASTER_PORT"] = str(free_port())
@@ -110,7 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout
-    assert json.loads((out / "summary.json").read_text())["steps"] == 200
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
 def _running(procs):
@@ -199,7 +199,7 @@ def test_a_training_process_whose_agent_is_killed_gets_sigterm(tmp_path):
 
 def test_killed_node_stops_the_survivor_and_both_resume(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "killed"
-    args = _train_args(tiny_model_dir, tiny_data, out, steps=200, extra=["--save-every", "5", "--resume", "auto"])
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=60, extra=["--save-every", "5", "--resume", "auto"])
     first, second = _two_nodes(args, ROSA_DIST_TIMEOUT="20")
     assert _wait_for(lambda: (out / "checkpoints" / "latest").exists(), 180)
     node1 = psutil.Process(second.pid)
@@ -214,7 +214,7 @@ def test_killed_node_stops_the_survivor_and_both_resume(tiny_model_dir, tiny_dat
     for proc in again:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 200
+    assert json.loads((out / "summary.json").read_text())["steps"] == 60
 
 
 def _sbatch(args, tmp_path, port):
@@ -236,7 +236,7 @@ def _sbatch(args, tmp_path, port):
 
 def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "slurm"
-    args = _train_args(tiny_model_dir, tiny_data, out, steps=200)
+    args = _train_args(tiny_model_dir, tiny_data, out, steps=60)
     proc, log = _sbatch(args, tmp_path, free_port())
     assert _wait_for(lambda: _steps_logged(out) >= 3, 180)
     proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends to the batch shell
@@ -245,7 +245,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     assert "scancel USR1" in events and "requeue 4242" in events, err[-3000:]
     assert proc.returncode == 75 and "requeueing job 4242" in err
     stopped = int((out / "checkpoints" / "latest").read_text().split("-")[1])
-    assert 3 <= stopped < 200 and not (out / "merged").exists()
+    assert 3 <= stopped < 60 and not (out / "merged").exists()
     assert f"stopped by a signal at step {stopped}" in stdout
 
     again, log = _sbatch(args, tmp_path, free_port())  # the requeued job: same script, --resume auto
@@ -254,7 +254,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_the_requeued_job_resumes(
     assert f"at step {stopped}" in stdout  # resumed, not started over
     assert not any(e.startswith("requeue") for e in log.read_text().splitlines())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 200 and summary["world_size"] == 2 and summary["engine"] == "fsdp2"
+    assert summary["steps"] == 60 and summary["world_size"] == 2 and summary["engine"] == "fsdp2"
 
 
 def test_local_launcher_on_cpu_shards_with_fsdp2(tiny_model_dir, tiny_data, tmp_path):
