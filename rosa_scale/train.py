@@ -179,6 +179,21 @@ def _apply_overrides(overridden: list[str], cfg: TrainConfig, optimizer, schedul
             group["weight_decay"] = cfg.weight_decay
 
 
+def _what_to_continue(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint this run continues from (or None), its trainer state, and the overridden config
+    keys, checked before any work: the same settings or ones named as overrides, and no fresh run over
+    another run's checkpoints."""
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    overridden = check_resume_config(saved.get("config") if saved else None, cfg, str(resume_from))
+    previous = complete_checkpoints(out / FOLDER)
+    if resume_from is None and previous and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} holds another run's checkpoints (newest: {previous[-1].name}): continue "
+                          "it with --resume auto, start afresh with --overwrite-output-dir true (deletes them), or "
+                          "choose another --output-dir")
+    return resume_from, saved, overridden
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tune; returns the summary (eval before/after, merged model path)."""
     watch = PreemptionWatch()  # from the start: a signal during set-up is honoured at the first check
@@ -226,15 +241,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if lock is not None:
         held.append(lock)
 
-    # What this run continues from, checked before any work: the same settings, or ones named as overrides.
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
-    saved = read_trainer_state(resume_from) if resume_from is not None else None
-    overridden = check_resume_config(saved.get("config") if saved else None, cfg, str(resume_from))
-    previous = complete_checkpoints(out / FOLDER)
-    if resume_from is None and previous and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir {out} holds another run's checkpoints (newest: {previous[-1].name}): continue "
-                          "it with --resume auto, start afresh with --overwrite-output-dir true (deletes them), or "
-                          "choose another --output-dir")
+    resume_from, saved, overridden = _what_to_continue(cfg, out)
 
     with accelerator.main_process_first():  # the main process builds caches, the others reuse them
         model_path = resolve_model_path(cfg.model)
