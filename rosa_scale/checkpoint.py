@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .engines.local import world
 from .model import rosa_layers, rosa_state
+from .quant import QuantRosaLinear, quant_type_of
 
 FOLDER = "checkpoints"
 LATEST = "latest"
@@ -241,9 +242,11 @@ def _write_parts(tmp: Path, step: int, model, module, optimizer, tokenizer, trai
     layers = rosa_layers(module)
     state = {
         **trainer_state, "step": step, "split_index": rosa_state(module).split_index,
-        "world_size": world()[0],
-        "rosa_layers": {n: {"transposed": l.transposed, "rank": l.rank} for n, l in layers.items()},
+        "world_size": world()[0], "rosa_layers": _layer_records(layers),
     }
+    stacks = {n: int(l.stack_up.shape[1]) for n, l in layers.items() if isinstance(l, QuantRosaLinear)}
+    if stacks:
+        state["stack_columns"] = stacks
     error = None
     try:
         if _is_deepspeed(model):
@@ -348,7 +351,7 @@ def load_checkpoint(path: Path, *, model, module, optimizer, expect: dict, state
     trainer state if already read.
     """
     state = read_trainer_state(path) if state is None else state
-    layers = {n: {"transposed": l.transposed, "rank": l.rank} for n, l in rosa_layers(module).items()}
+    layers = _layer_records(rosa_layers(module))
     if state.get("rosa_layers") != layers:
         raise CheckpointError(f"checkpoint {path} was written for other ROSA layers or ranks than this run's model")
     for key, value in expect.items():
@@ -365,19 +368,68 @@ def load_checkpoint(path: Path, *, model, module, optimizer, expect: dict, state
     else:
         if _is_deepspeed(model):
             raise CheckpointError(f"checkpoint {path} was not written by DeepSpeed; it cannot resume a ZeRO-3 run")
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         stateless = set(state.get("stateless_params") or ())
+        _size_stacks(module, state.get("stack_columns") or {}, path)
         model_sd, optim_sd = get_state_dict(module, optimizer)
         for name in stateless:  # saved as a placeholder: not read, emptied below
             optim_sd.get("state", {}).pop(name, None)
         holder = {"model": model_sd, "optim": optim_sd}
         _dcp_load(holder, path / "state")
-        set_state_dict(module, optimizer, model_state_dict=holder["model"], optim_state_dict=holder["optim"])
+        _check_quantized_base(module, holder["model"], path)
+        set_state_dict(module, optimizer, model_state_dict=holder["model"], optim_state_dict=holder["optim"],
+                       options=StateDictOptions(strict=False))  # the frozen quantized base was checked, not loaded
         _forget_state(module, optimizer, sorted(stateless))
     rosa_state(module).split_index = state["split_index"]
     _load_rng(rng)
     return state
+
+
+def _layer_records(layers: dict) -> dict:
+    """What a checkpoint records of each ROSA layer (and a resume must find again): layout, rank, and
+    for a quantized base its kind."""
+    records = {}
+    for name, layer in layers.items():
+        records[name] = {"transposed": layer.transposed, "rank": layer.rank}
+        if isinstance(layer, QuantRosaLinear):
+            records[name]["quantize"] = quant_type_of(layer.base)
+    return records
+
+
+def _size_stacks(module, columns: dict[str, int], path: Path) -> None:
+    """Give each quantized layer's stack the width it had when saved, so that the checkpoint's
+    tensors load into it (the stack grows by 2 r columns at every resample)."""
+    for name, layer in rosa_layers(module).items():
+        if not isinstance(layer, QuantRosaLinear):
+            continue
+        if name not in columns:
+            raise CheckpointError(f"checkpoint corrupt: {path / 'trainer_state.json'} lacks the stack width of {name}")
+        width = int(columns[name])
+        layer.stack_up = layer.stack_up.new_zeros(layer.out_features, width)
+        layer.stack_down = layer.stack_down.new_zeros(width, layer.in_features)
+
+
+def _check_quantized_base(module, model_sd: dict, path: Path) -> None:
+    """A quantized base is quantized again from the original weights at every start, never loaded:
+    its saved codes (kept for rosa-consolidate) must equal the ones this run made, else the run
+    continues on another base (changed weights, or another bitsandbytes) and is refused. The saved
+    entries are then dropped from ``model_sd``."""
+    current = None
+    for name, layer in rosa_layers(module).items():
+        if not isinstance(layer, QuantRosaLinear):
+            continue
+        if current is None:
+            current = module.state_dict()
+        for key in [k for k in model_sd if k.startswith(f"{name}.base.")]:
+            saved = model_sd.pop(key)
+            now = current[key]
+            if hasattr(now, "full_tensor"):
+                now = now.full_tensor()
+            if saved.shape != now.shape or not torch.equal(saved.to(now.device), now):
+                raise CheckpointError(f"checkpoint {path} was trained on another quantized base: {key} differs from "
+                                      "the one quantized from this run's model (other weights, or another "
+                                      "bitsandbytes version)")
 
 
 def _dcp_load(holder: dict, folder: Path) -> None:

@@ -96,6 +96,10 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """AdamW on the factors: torch's (fused on CUDA), or bitsandbytes' 8-bit AdamW (its moments in
+    uint8 with per-block scales: a quarter of the state), optionally paged to host memory when the
+    GPU runs short. A resample clears each kind's whole per-factor state."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 5
     rewarm_steps: int = 0
@@ -242,9 +246,6 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     validate_rosa(cfg.rosa, prefix="rosa.")
-    if cfg.rosa.quantize != "none":
-        raise ConfigError("config key 'rosa.quantize' is not available in rosa-train yet (its checkpoints cannot "
-                          "hold a quantized base): use the Python API, apply_rosa(model, RosaConfig(quantize=...))")
 
 
 def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:

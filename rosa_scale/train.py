@@ -35,8 +35,9 @@ from .guard import DIVERGED_EXIT, DivergedError, agree, check_layers, nonfinite,
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
 from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
-from .quant import is_quantized_linear
+from .optimizers import build_optimizer
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
+from .quant_loading import is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
 from .schedule import lr_factor
@@ -168,6 +169,21 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _refuse_quantized_engine(cfg: TrainConfig, accelerate_fsdp: bool, deepspeed: bool) -> None:
+    """A quantized base or an 8-bit optimizer where the engine cannot hold them: one line, before loading."""
+    if deepspeed and cfg.rosa.quantize != "none":
+        raise ConfigError(f"config key 'rosa.quantize' ({cfg.rosa.quantize}) is not supported under DeepSpeed ZeRO-3 "
+                          "(it partitions every weight, the packed 4-bit codes included): use FSDP2 "
+                          "(fsdp: true), DDP or one process")
+    if deepspeed and cfg.optimizer != "adamw":
+        raise ConfigError(f"config key 'optimizer' {cfg.optimizer!r} is not supported under DeepSpeed ZeRO-3 (it "
+                          "steps flat fp32 partitions): use optimizer 'adamw'")
+    if accelerate_fsdp and cfg.rosa.quantize != "none":
+        raise ConfigError(f"config key 'rosa.quantize' ({cfg.rosa.quantize}) is not supported with accelerate's FSDP "
+                          "plugin, which would shard the packed 4-bit codes: launch without an FSDP config and "
+                          "set fsdp: true (the quantized base stays whole on each process)")
+
+
 def _apply_overrides(overridden: list[str], cfg: TrainConfig, optimizer, scheduler) -> None:
     """Overridden optimizer settings take effect although the checkpoint restored the old ones."""
     if "lr" in overridden:
@@ -237,6 +253,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if deepspeed and cfg.max_skipped_steps:
         raise ConfigError("config key 'max_skipped_steps' must be 0 under DeepSpeed ZeRO-3 (it updates the weights "
                           "inside backward, before a step could be skipped)")
+    _refuse_quantized_engine(cfg, accelerate_fsdp, deepspeed)
     lock = _claim_output_dir(out, accelerator)
     if lock is not None:
         held.append(lock)
@@ -247,16 +264,17 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         model_path = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(model_path)
         train_set, eval_set = build_datasets(cfg, tokenizer)
-    model = load_model(model_path, cfg.model_dtype)
-    if not deepspeed:  # DeepSpeed places (and may already have partitioned) the weights itself
+    quantized = cfg.rosa.quantize != "none" or is_prequantized(model_path)
+    if quantized:  # quantized while loading, on its device: never whole in the model's dtype
+        model = load_quantized_model(model_path, cfg.model_dtype, cfg.rosa, accelerator.device)
+    else:
+        model = load_model(model_path, cfg.model_dtype)
+    if not deepspeed and not quantized:  # DeepSpeed places (and may already have partitioned) the weights itself
         model.to(accelerator.device)
     # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) and ZeRO-3 the first split
     # is made after sharding, spread over the ranks; otherwise on the full weights right away.
     own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
-    if any(is_quantized_linear(m) for m in model.modules()):
-        raise ConfigError(f"model {cfg.model} is quantized (bitsandbytes): rosa-train cannot train a quantized base "
-                          "yet; use the Python API (apply_rosa) or an unquantized model")
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
     if deepspeed:
         _zero3_leaves(model, cfg.zero3_leaf_layers,
@@ -273,7 +291,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
     params = adapter_parameters(model)
-    optimizer = torch_optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch_optimizer = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
