@@ -8,7 +8,9 @@ sweep scored on validation loss only; the test split never chooses anything.
 Phases: ``sweep`` (every method and rank over its learning-rate grid, seed 0, extended one rung
 at a time past an edge where the best rate sits), then ``final``
 (two more seeds for the headline row, and the ROSA ablations at ROSA r=16's best rate; needs the
-sweep's results). Runs go to a pool of worker processes sharing the GPUs (small models leave a
+sweep's results), and ``quantized`` (ROSA and PEFT LoRA over a frozen bitsandbytes NF4 base, 3 seeds
+each at the rate their unquantized counterpart's sweep chose, plus 2 more seeds of ROSA over a bf16-stored
+base: issue #16). Runs go to a pool of worker processes sharing the GPUs (small models leave a
 GPU mostly idle with one process); each finished run is one JSON file in ``--runs``, so a phase
 can be stopped and started again and only missing runs are done. ``--budget-s`` stops handing
 out runs that would not finish in time.
@@ -43,6 +45,24 @@ ABLATIONS = [{"factorizer": "eigh"}, {"factorizer": "qr"},
 # LR re-warmup, or resampling itself?
 PROBES = [(("stdlib", "rosa", 64), a)
           for a in ({"reset_optimizer": False}, {"rewarm_steps": 25}, {"resample_every": None})]
+# Methods over a frozen NF4 base (issue #16): each targets the layers its unquantized counterpart adapts,
+# quantized once by rosa_scale.quant.quantize_linear (bitsandbytes Linear4bit, nf4, double quantization),
+# and trains at the rate the counterpart's sweep chose. "rosa-nf4" is apply_rosa(RosaConfig(quantize="nf4"))
+# (a bf16 stack of finished windows beside the frozen base); "qlora" is PEFT LoRA on those Linear4bit layers.
+QUANTIZED = {"rosa-nf4": "rosa", "qlora": "lora"}
+QUANT_CELLS = [("austen", "rosa-nf4", 16), ("austen", "qlora", 16)]
+QUANT_SEEDS = (0, 1, 2)
+# The literal bf16 base for ROSA: the model stored in bf16, so each resample rounds w_fixed to bf16. Seed 0 is
+# the model_dtype ablation; the quantized phase adds seeds 1 and 2.
+BF16_STORED = {"model_dtype": "bfloat16"}
+# Linear4bit computes in the dtype its weight had (fp32 here): set to the autocast dtype, so the NF4 rows
+# multiply in bf16 as autocast makes the unquantized rows do (QLoRA's bnb_4bit_compute_dtype=bfloat16).
+NF4_COMPUTE_DTYPE = "bfloat16"
+
+
+def family(method: str) -> str:
+    """The method a spec trains like: ``rosa-nf4`` resamples like ``rosa``, ``qlora`` is ``lora``."""
+    return QUANTIZED.get(method, method)
 
 
 def run_id(spec: dict) -> str:
@@ -94,25 +114,94 @@ def _build(spec: dict, model_dir: str, factorize_device: str = "weight"):
     dtype = getattr(torch, opts["model_dtype"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(_device())
     model.config.use_cache = False
+    if spec["method"] == "qlora":  # before the seed: the LoRA factors start as the lora run's of that seed
+        _quantize_targets(model)
     torch.manual_seed(spec["seed"])
     if spec["method"] == "full":
         return model, [p for p in model.parameters() if p.requires_grad]
-    if spec["method"] == "lora":
+    if family(spec["method"]) == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # qlora: the quantized targets by name (PEFT's "all-linear" finds the same 7 per block, as for lora)
+        targets = _target_names(model) if spec["method"] == "qlora" else "all-linear"
         model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=0.0,
-                                                 target_modules="all-linear"))
+                                                 target_modules=targets))
+        _compute_nf4_in(model, NF4_COMPUTE_DTYPE)
         return model, [p for p in model.parameters() if p.requires_grad]
-    if spec["method"] == "rosa":
+    if family(spec["method"]) == "rosa":
         from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
 
         cfg = RosaConfig(rank=spec["rank"], method=opts["factorizer"], sampling=opts["sampling"],
-                         fixed_dtype=opts["fixed_dtype"], seed=spec["seed"], factorize_device=factorize_device)
+                         fixed_dtype=opts["fixed_dtype"], seed=spec["seed"], factorize_device=factorize_device,
+                         quantize="nf4" if spec["method"] == "rosa-nf4" else "none")
         apply_rosa(model, cfg)
+        _compute_nf4_in(model, NF4_COMPUTE_DTYPE)
         return model, adapter_parameters(model)
     if spec["method"] == "base":
         return model, []
     raise ValueError(f"unknown method {spec['method']!r}")
+
+
+def _target_names(model) -> list[str]:
+    """The layers ROSA adapts by default ("all-linear": every linear layer but the LM head)."""
+    from rosa_scale import RosaConfig
+    from rosa_scale.model import find_target_modules
+
+    return find_target_modules(model, RosaConfig())
+
+
+def _quantize_targets(model) -> None:
+    """Replace ROSA's target layers by the frozen NF4 layers ``apply_rosa(quantize="nf4")`` makes of them."""
+    from rosa_scale.quant import keep_standard_layout, quantize_linear
+
+    for name in _target_names(model):
+        q = quantize_linear(model.get_submodule(name), "nf4")
+        keep_standard_layout(q)  # no CPU-only repacking at an eval (ROSA's base does the same)
+        model.set_submodule(name, q)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _compute_nf4_in(model, dtype: str) -> None:
+    """Let every bitsandbytes Linear4bit multiply in ``dtype`` (its input is cast, its output cast back)."""
+    import torch
+
+    for m in _nf4_layers(model):
+        m.compute_dtype = getattr(torch, dtype)
+
+
+def _nf4_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+
+
+def _effective_weights(model) -> dict:
+    """Every ROSA layer's effective (out x in) weight in fp32: ``w_fixed + up down``, or for a quantized
+    base ``deq(Q0) + stack + up down - up0 down0``."""
+    from rosa_scale import rosa_layers
+
+    return {name: layer.merged_weight() for name, layer in rosa_layers(model).items()}
+
+
+def survival(start: dict, before: dict, after: dict) -> dict:
+    """How much of each matrix's trained update a resample kept, on the run's own updates.
+
+    The update of a window is ``D = before - start`` (effective weight just before the resample minus
+    at the window's split); survival is ``<after - start, D> / |D|^2`` as in bench/quant_survival.py:
+    1 keeps it all, 0 rounds it away. Returned: the norm-weighted survival over all matrices, the
+    smallest and median per matrix, the update's size ``|D| / |W|`` and the jump ``|after - before| / |D|``."""
+    import statistics
+
+    num = den = jump = weight = 0.0
+    per = []
+    for name, w0 in start.items():
+        d = before[name] - w0
+        kept, dd = float(((after[name] - w0) * d).sum()), float(d.square().sum())
+        num, den = num + kept, den + dd
+        jump += float((after[name] - before[name]).square().sum())
+        weight += float(w0.square().sum())
+        per.append(kept / dd if dd else 1.0)
+    return {"survival": num / den if den else 1.0, "survival_min": min(per), "survival_median": statistics.median(per),
+            "update_rel": math.sqrt(den / weight), "jump_rel": math.sqrt(jump / den) if den else 0.0}
 
 
 def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: int, batch: int, seq: int,
@@ -139,10 +228,19 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, params = _build(spec, model_dir, factorize_device)
+    resampled = family(spec["method"]) == "rosa"
     result = {"id": run_id(spec), "spec": spec, "options": opts, "steps": steps, "batch": batch, "seq": seq,
               "tokens": steps * batch * seq, "steps_per_epoch": steps_per_epoch,
               "trainable_params": sum(p.numel() for p in params), "curve": [], "resample_s": 0.0, "resamples": 0,
               "factorize_device": factorize_device, "torch_threads": torch.get_num_threads()}
+    nf4 = _nf4_layers(model)
+    if nf4:  # what the base is: how many layers, quantized how, multiplying in which dtype
+        result["nf4_layers"] = len(nf4)
+        result["nf4_quant_types"] = sorted({m.weight.quant_type for m in nf4})
+        result["nf4_compute_dtypes"] = sorted({str(m.compute_dtype).removeprefix("torch.") for m in nf4})
+    if resampled:
+        result["survival"] = []  # one entry per resample (survival())
+        start = _effective_weights(model)
     result["curve"].append((0, _evaluate(model, val, EVAL_BATCH)))
     if spec["method"] != "base":
         opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
@@ -150,16 +248,20 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
         perm, pos, losses = torch.randperm(len(train), generator=order), 0, []
         train_start = time.perf_counter()
         for step in range(steps):
-            if spec["method"] == "rosa" and every and step and step % every == 0:
+            if resampled and every and step and step % every == 0:
+                before = _effective_weights(model)
                 result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None)
                 result["resamples"] += 1
+                after = _effective_weights(model)
+                result["survival"].append({"step": step, **survival(start, before, after)})
+                start, before = after, None
             if pos + batch > len(perm):
                 perm, pos = torch.randperm(len(train), generator=order), 0
             ids = train[perm[pos:pos + batch]].to(device, non_blocking=True)
             pos += batch
             factor = lr_factor(step, total_steps=steps, warmup_steps=warmup, schedule="cosine",
-                               resample_every=every if spec["method"] == "rosa" else None,
-                               rewarm_steps=opts["rewarm_steps"] if spec["method"] == "rosa" else 0)
+                               resample_every=every if resampled else None,
+                               rewarm_steps=opts["rewarm_steps"] if resampled else 0)
             for group in opt.param_groups:
                 group["lr"] = spec["lr"] * factor
             with torch.autocast(device, dtype=torch.bfloat16):
@@ -263,14 +365,35 @@ def final_specs(results: dict[str, dict], settled_only: bool = False) -> list[di
     return specs
 
 
+def quantized_specs(results: dict[str, dict]) -> list[dict]:
+    """Issue #16: 3 seeds of each ``QUANT_CELLS`` method at its unquantized counterpart's best rate (no
+    sweep of its own: the same rate isolates what the base changes), and seeds 1, 2 of ROSA over a
+    bf16-stored base at ROSA's rate (seed 0 is the ``model_dtype`` ablation). Only for cells whose
+    counterpart's sweep is settled."""
+    specs = []
+    for corpus, method, rank in QUANT_CELLS:
+        counterpart = (corpus, family(method), rank)
+        if best_lr(results, *counterpart) is not None and sweep_settled(results, *counterpart):
+            lr = best_lr(results, *counterpart)
+            specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": s} for s in QUANT_SEEDS]
+    if best_lr(results, "austen", "rosa", 16) is not None and sweep_settled(results, "austen", "rosa", 16):
+        lr = best_lr(results, "austen", "rosa", 16)
+        specs += [{"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": s, "ablation": BF16_STORED}
+                  for s in QUANT_SEEDS if s]
+    return specs
+
+
 def plan(phase: str, results: dict[str, dict], only: str | None = None) -> list[dict]:
     """The runs a phase wants given the results so far: ``sweep`` (grid + edge rungs), ``final``,
-    or ``all`` (the sweep, plus the final runs of every cell whose sweep is settled)."""
+    ``all`` (the sweep, plus the final runs of every cell whose sweep is settled) or ``quantized``
+    (``quantized_specs``)."""
     specs = sweep_specs(results) if phase in ("sweep", "all", "list") else []
     if phase in ("final", "list"):
         specs += final_specs(results)
     elif phase == "all":
         specs += final_specs(results, settled_only=True)
+    if phase in ("quantized", "list"):
+        specs += quantized_specs(results)
     if only:
         specs = [s for s in specs if any(part in run_id(s) for part in only.split(","))]
     return specs
@@ -338,7 +461,7 @@ def _pin(gpu: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["sweep", "final", "all", "list"])
+    parser.add_argument("phase", choices=["sweep", "final", "all", "quantized", "list"])
     parser.add_argument("--data", required=True, help="token file from bench/quality_data.py")
     parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct Hugging Face folder")
     parser.add_argument("--runs", required=True, help="folder of per-run JSON results")

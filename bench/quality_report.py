@@ -3,11 +3,16 @@
 For each corpus, method and rank the learning rate is the sweep's best on validation loss
 (seed 0); its test perplexity is averaged over the seeds that ran at that rate. Runs the study
 still owes (missing sweep rates, seeds, ablations) are listed, never guessed.
+
+``--quantized`` summarizes issue #16's rows instead (``quantized_summary``): ROSA and PEFT LoRA over a
+frozen NF4 base against the same methods over the unquantized base, with the merged update's survival
+at each resample measured in the runs and, for reference, in the synthetic survival benches.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -16,6 +21,29 @@ import quality
 WHERE = {"weight": "GPU", "cpu": "CPU"}
 ABLATED = ("austen", "rosa", 16)
 NAMES = {"full": "Full fine-tuning", "lora": "PEFT LoRA", "rosa": "ROSA", "base": "no fine-tuning"}
+RESULTS = Path(__file__).resolve().parent / "results"
+# Issue #16's rows: (key, method, ablation, what the base is). All Austen, r=16, at the rate of the
+# unquantized method's sweep; "bf16" in the issue's keys names the unquantized base (see the md).
+QUANT_ROWS = [
+    ("rosa_nf4", "rosa-nf4", None, "NF4 (frozen Linear4bit, bf16 stack of finished windows)"),
+    ("rosa_bf16", "rosa", None, "unquantized, stored fp32 (w_fixed fp32), bf16 autocast"),
+    ("qlora", "qlora", None, "NF4 (the same frozen Linear4bit layers)"),
+    ("lora", "lora", None, "unquantized, stored fp32, bf16 autocast"),
+    ("rosa_bf16_stored", "rosa", quality.BF16_STORED, "unquantized, stored bf16 (w_fixed re-rounded to bf16 at each resample)"),
+]
+QUANT_NAMES = {"rosa_nf4": "ROSA, NF4 base", "rosa_bf16": "ROSA, unquantized base", "qlora": "PEFT QLoRA (NF4)",
+               "lora": "PEFT LoRA, unquantized base", "rosa_bf16_stored": "ROSA, bf16-stored base (reference)"}
+# Survival of one merged update of size 1e-2 |W| in the synthetic benches: (file, key, what).
+SURVIVAL_BENCH = {
+    "nf4_stack": ("quant-survival-2026-11-30-h200-4096x4096.json", "survival_stack_bf16_nf4_1e-2",
+                  "NF4 base + bf16 stack (ROSA's design), 4096x4096 N(0, 0.02^2), one H200"),
+    "nf4_inplace": ("quant-survival-2026-11-30-h200-4096x4096.json", "survival_inplace_nf4_1e-2",
+                    "NF4 re-quantized in place (the design ROSA refuses), 4096x4096, one H200"),
+    "bf16_wfixed": ("bf16-merge-survival-2026-11-28.json", "survival_bf16_nearest_1e-2",
+                    "w_fixed stored bf16 (round to nearest), 4096x4096, CPU"),
+    "fp32_wfixed": ("bf16-merge-survival-2026-11-28.json", "survival_fp32_1e-2",
+                    "w_fixed stored fp32, 4096x4096, CPU"),
+}
 
 
 def _key(method: str, rank) -> str:
@@ -72,7 +100,7 @@ def summarize(results: dict) -> tuple[dict, dict]:
                 flat[f"{prefix}resample_s_{k}"] = cell["resample_s"] / max(1, cell["resamples"])
     for r in results.values():
         ab = r["spec"].get("ablation")
-        if ab:
+        if ab and r["spec"]["seed"] == 0:  # an ablation is one seed; more seeds of one are quantized_summary's
             spec = r["spec"]
             cell = (spec["corpus"], spec["method"], spec.get("rank"))
             name = "_".join(f"{k}={v}" for k, v in sorted(ab.items()))
@@ -83,6 +111,91 @@ def summarize(results: dict) -> tuple[dict, dict]:
             flat[f"{key}_resample_s"] = r["resample_s"] / r["resamples"] if r["resamples"] else 0.0
             flat[f"{key}_factorize_device"] = r.get("factorize_device", "weight")
     return flat, cells
+
+
+def _quant_runs(results: dict, method: str, ablation, lr: float) -> list[dict]:
+    return sorted((r for r in results.values() if r["spec"]["corpus"] == "austen" and r["spec"]["method"] == method
+                   and r["spec"].get("rank") == 16 and r["spec"]["lr"] == lr
+                   and (r["spec"].get("ablation") or None) == ablation), key=lambda r: r["spec"]["seed"])
+
+
+def quantized_summary(results: dict, bench_dir: Path = RESULTS) -> dict:
+    """Flat keys of issue #16: ``ppl_<row>_r16`` (test perplexity, mean over seeds) with ``_std``, per-seed
+    values, rates, and for ROSA rows the survival of the merged update at each resample as the runs
+    measured it (``survival()`` in quality.py: norm-weighted over matrices, mean over resamples and seeds,
+    and the smallest of any matrix); then the targets and the synthetic benches' survival."""
+    flat = {}
+    for key, method, ablation, base in QUANT_ROWS:
+        lr = quality.best_lr(results, "austen", quality.family(method), 16)
+        runs = _quant_runs(results, method, ablation, lr) if lr is not None else []
+        if not runs:
+            continue
+        k, ppl = f"{key}_r16", [r["test_ppl"] for r in runs]
+        flat.update({f"ppl_{k}": statistics.mean(ppl), f"ppl_{k}_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+                     f"ppl_{k}_seeds": len(ppl), f"ppl_{k}_per_seed": {str(r["spec"]["seed"]): r["test_ppl"] for r in runs},
+                     f"lr_{k}": lr, f"val_loss_{k}": statistics.mean(r["val_loss"] for r in runs),
+                     f"untrained_val_loss_{k}": runs[0]["curve"][0][1], f"base_{k}": base,
+                     f"run_ids_{k}": [r["id"] for r in runs if "id" in r],
+                     f"trainable_params_{k}": runs[0]["trainable_params"],
+                     f"peak_gib_{k}": max((r["peak_gib"] or 0.0) for r in runs),
+                     f"tok_s_{k}": statistics.mean(r.get("tok_s") or 0.0 for r in runs)})
+        measured = [s for r in runs for s in r.get("survival", [])]
+        if measured:
+            flat[f"survival_{k}"] = statistics.mean(s["survival"] for s in measured)
+            flat[f"survival_{k}_min_matrix"] = min(s["survival_min"] for s in measured)
+            flat[f"survival_{k}_resamples"] = len(measured)
+            flat[f"survival_{k}_seeds"] = len([r for r in runs if r.get("survival")])
+            flat[f"update_rel_{k}"] = statistics.mean(s["update_rel"] for s in measured)
+            flat[f"jump_rel_{k}"] = statistics.mean(s["jump_rel"] for s in measured)
+            flat[f"survival_{k}_per_resample"] = [[round(s["survival"], 6) for s in r["survival"]] for r in runs
+                                                  if r.get("survival")]
+    if all(f"ppl_{k}_r16" in flat for k in ("rosa_nf4", "rosa_bf16", "qlora")):
+        nf4, bf16, std = flat["ppl_rosa_nf4_r16"], flat["ppl_rosa_bf16_r16"], flat["ppl_rosa_bf16_r16_std"]
+        seeds = list(flat["ppl_rosa_bf16_r16_per_seed"].values())
+        flat["target_rosa_nf4_beats_qlora"] = nf4 < flat["ppl_qlora_r16"]
+        flat["rosa_nf4_minus_qlora"] = nf4 - flat["ppl_qlora_r16"]
+        flat["rosa_nf4_minus_bf16"] = nf4 - bf16
+        flat["rosa_nf4_minus_bf16_in_bf16_std"] = (nf4 - bf16) / std if std else math.inf
+        # "within the seed spread": the nf4 mean no further from the bf16 mean than one bf16 seed std
+        flat["target_rosa_nf4_within_bf16_spread"] = abs(nf4 - bf16) <= std
+        flat["rosa_nf4_in_bf16_seed_range"] = min(seeds) <= nf4 <= max(seeds)
+    for name, (file, key, what) in SURVIVAL_BENCH.items():
+        path = bench_dir / file
+        if path.is_file():
+            flat[f"survival_bench_{name}"] = json.loads(path.read_text())[key]
+            flat[f"survival_bench_{name}_source"] = f"{file}:{key} ({what})"
+    return flat
+
+
+def quantized_markdown(flat: dict) -> str:
+    """The table of issue #16's rows and the survival table, from ``quantized_summary``'s keys."""
+    lines = ["| method | base | lr | test PPL (mean ± std) | per seed 0 / 1 / 2 | val loss | untrained val loss | "
+             "survival per resample (min matrix) | update / jump per resample |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, _, _, base in QUANT_ROWS:
+        k = f"{key}_r16"
+        if f"ppl_{k}" not in flat:
+            continue
+        seeds = " / ".join(f"{v:.2f}" for _, v in sorted(flat[f"ppl_{k}_per_seed"].items()))
+        surv = (f"{flat[f'survival_{k}']:.5f} ({flat[f'survival_{k}_min_matrix']:.4f}), "
+                f"{flat[f'survival_{k}_resamples']} resamples" if f"survival_{k}" in flat else "-")
+        sizes = (f"{flat[f'update_rel_{k}']:.2e} / {flat[f'jump_rel_{k}']:.1e}" if f"update_rel_{k}" in flat else "-")
+        lines.append(f"| {QUANT_NAMES[key]} | {base} | {flat[f'lr_{k}']:g} | {flat[f'ppl_{k}']:.2f} ± "
+                     f"{flat[f'ppl_{k}_std']:.2f} | {seeds} | {flat[f'val_loss_{k}']:.4f} | "
+                     f"{flat[f'untrained_val_loss_{k}']:.4f} | {surv} | {sizes} |")
+    if "target_rosa_nf4_beats_qlora" in flat:
+        lines += ["", f"- ROSA-NF4 beats PEFT QLoRA: **{'yes' if flat['target_rosa_nf4_beats_qlora'] else 'no'}** "
+                  f"({flat['rosa_nf4_minus_qlora']:+.2f} PPL).",
+                  f"- ROSA-NF4 within the seed spread of ROSA over the unquantized base: "
+                  f"**{'yes' if flat['target_rosa_nf4_within_bf16_spread'] else 'no'}** "
+                  f"({flat['rosa_nf4_minus_bf16']:+.2f} PPL = {flat['rosa_nf4_minus_bf16_in_bf16_std']:+.1f} of its "
+                  f"seed std; inside its seeds' range: {'yes' if flat['rosa_nf4_in_bf16_seed_range'] else 'no'})."]
+    bench = [n for n in SURVIVAL_BENCH if f"survival_bench_{n}" in flat]
+    if bench:
+        lines += ["", "| synthetic bench, one update of 1e-2 ‖W‖ | survival | source |", "|---|---|---|"]
+        lines += [f"| {SURVIVAL_BENCH[n][2]} | {flat[f'survival_bench_{n}']:.4f} | `{SURVIVAL_BENCH[n][0]}` |"
+                  for n in bench]
+    return "\n".join(lines) + "\n"
 
 
 def owed(results: dict) -> list[str]:
@@ -178,12 +291,21 @@ def plot(cells: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", help="folder of per-run JSON files from bench/quality.py")
+    parser.add_argument("runs", nargs="+", help="folders of per-run JSON files from bench/quality.py")
     parser.add_argument("--out", required=True, help="output path prefix, e.g. bench/results/quality-2026-11-29")
+    parser.add_argument("--quantized", action="store_true",
+                        help="issue #16's rows only: <out>.json with their flat keys, the table on stdout")
     args = parser.parse_args()
-    results = quality.load_results(Path(args.runs))
+    results = {k: v for runs in args.runs for k, v in quality.load_results(Path(runs)).items()}
     if not results:
-        raise SystemExit(f"quality_report: no run results in {args.runs}")
+        raise SystemExit(f"quality_report: no run results in {' '.join(args.runs)}")
+    if args.quantized:
+        flat = quantized_summary(results)
+        if "ppl_rosa_nf4_r16" not in flat:
+            raise SystemExit(f"quality_report: no ROSA-NF4 runs in {' '.join(args.runs)}")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(flat, indent=1) + "\n")
+        print(quantized_markdown(flat))
+        return
     any_run = next(iter(results.values()))
     setup = {k: any_run[k] for k in ("steps", "batch", "seq", "tokens")}
     flat, cells = summarize(results)

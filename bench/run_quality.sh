@@ -12,6 +12,10 @@
 #     bash bench/run_quality.sh run all 540 [--only TEXT,...]
 # `all` keeps every worker busy: sweep runs, edge rungs, and the seeds and ablations of every cell
 # whose sweep is settled. A call that ends early (rc 124) keeps the runs that finished.
+# The quantized-base rows (issue #16: ROSA over NF4, PEFT QLoRA, seeds of ROSA over a bf16-stored base)
+# need bitsandbytes, which the GPU machines lack: put its wheel in .carry/bnb/ (the 3.6 MB one that keeps
+# only the _cpu and _cuda130 libraries), carry it in the run call, which installs it:
+#     bash bench/run_quality.sh convert && bash bench/run_quality.sh run quantized 480 --workers 8
 # Each run call leaves $OUT/quality-runs.tgz (every finished run so far); unpack it into
 # bench/results/quality-runs-2026-11-28/ (QUALITY_DONE: runs found there are never redone) and run
 # bench/quality_report.py on that folder.
@@ -46,8 +50,11 @@ case "${1:-}" in
 _convert(Path('/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$MODEL'))" 2>&1 | grep -v -i "warn\|%" || true
     test -f "$MODEL/model.safetensors" ;;
   run)  # run PHASE BUDGET_S [quality.py options]
-    phase=${2:?phase: sweep, final or all}; budget=${3:?budget in seconds}; shift 3
+    phase=${2:?phase: sweep, final, all or quantized}; budget=${3:?budget in seconds}; shift 3
     mkdir -p runs/quality
+    if compgen -G "$CARRY/bnb/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$CARRY"/bnb/*.whl
+    fi
     # runs already measured (committed) are not run again: the driver skips ids with a result file
     for f in "${QUALITY_DONE:-bench/results/quality-runs-2026-11-28}"/*.json; do
       [ -e "$f" ] && [ ! -e "runs/quality/${f##*/}" ] && cp "$f" runs/quality/ || true

@@ -52,8 +52,45 @@ def test_every_method_trains_and_is_scored(setup, method, rank, lr):
     if method == "rosa":
         assert r["resamples"] == 2  # steps 5 and 10
         assert r["trainable_params"] == sum(4 * (o + i) for o, i in _shapes())
+        assert [s["step"] for s in r["survival"]] == [5, 10]  # fp32 w_fixed: every merged update kept
+        assert all(abs(s["survival"] - 1) < 1e-4 and s["update_rel"] > 0 for s in r["survival"])
     if method == "lora":
         assert r["trainable_params"] == sum(4 * (o + i) for o, i in _shapes())  # same budget as ROSA
+
+
+def test_methods_over_an_nf4_base_train_from_one_quantized_model(setup):
+    pytest.importorskip("bitsandbytes")
+    runs = {}
+    for method in ("rosa-nf4", "qlora"):
+        spec = {"corpus": "austen", "method": method, "rank": 4, "lr": 1e-2, "seed": 0,
+                "ablation": {"resample_every": 3}}
+        runs[method] = r = _train(setup, spec, steps=6)
+        assert r["finite"] and r["curve"][-1][1] < r["curve"][0][1] - 0.1
+        assert r["trainable_params"] == sum(4 * (o + i) for o, i in _shapes())  # the budget of lora and rosa
+        assert r["nf4_layers"] == len(_shapes()) and r["nf4_quant_types"] == ["nf4"]
+        assert r["nf4_compute_dtypes"] == ["bfloat16"]  # multiplies in bf16, as autocast does unquantized
+    assert runs["rosa-nf4"]["curve"][0] == runs["qlora"]["curve"][0]  # one quantized base for both
+    assert runs["qlora"]["resamples"] == 0 and "survival" not in runs["qlora"]
+    # ROSA's stack keeps every merged update (bf16 rounding only): in-place NF4 would keep ~1-30%
+    assert runs["rosa-nf4"]["resamples"] == 1 and abs(runs["rosa-nf4"]["survival"][0]["survival"] - 1) < 1e-3
+
+
+def test_quantized_phase_reuses_the_counterparts_rate_and_adds_bf16_seeds():
+    def result(method, rank, lr, val, ablation=None):
+        spec = {"corpus": "austen", "method": method, "rank": rank, "lr": lr, "seed": 0}
+        spec.update({"ablation": ablation} if ablation else {})
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "finite": True}
+
+    results = dict([result("rosa", 16, 3e-4, 3.2), result("rosa", 16, 1e-3, 3.1), result("rosa", 16, 3e-3, 3.3),
+                    result("lora", 16, 3e-4, 3.3), result("lora", 16, 1e-3, 3.2)])
+    ids = {quality.run_id(s) for s in quality.plan("quantized", results)}
+    assert ids == {"austen_rosa-nf4-r16_lr0.001_s0", "austen_rosa-nf4-r16_lr0.001_s1", "austen_rosa-nf4-r16_lr0.001_s2",
+                   "austen_rosa-r16_lr0.001_s1_model_dtype=bfloat16", "austen_rosa-r16_lr0.001_s2_model_dtype=bfloat16"}
+    results.update([result("lora", 16, 3e-3, 3.25), result("rosa-nf4", 16, 1e-2, 1.0)])  # lora settled at 1e-3
+    ids = {quality.run_id(s) for s in quality.plan("quantized", results)}
+    assert {"austen_qlora-r16_lr0.001_s0", "austen_qlora-r16_lr0.001_s2"} <= ids and len(ids) == 8
+    assert quality.best_lr(results, "austen", "rosa", 16) == 1e-3  # an nf4 run never changes rosa's rate
+    assert not any("nf4" in quality.run_id(s) or "qlora" in quality.run_id(s) for s in quality.plan("all", results))
 
 
 def _shapes():
@@ -164,3 +201,40 @@ def test_all_phase_releases_a_cells_seeds_once_its_sweep_is_settled():
     ids = {quality.run_id(s) for s in quality.plan("all", results, only="stdlib_lora-r16")}
     assert ids >= {"stdlib_lora-r16_lr0.0003_s1", "stdlib_lora-r16_lr0.0003_s2"}
     assert all(i.startswith("stdlib_lora-r16") for i in ids)
+
+
+def test_quantized_report_compares_each_nf4_row_with_its_unquantized_counterpart(tmp_path):
+    import quality_report
+
+    def result(method, lr, seed, ppl, ablation=None, survival=None):
+        spec = {"corpus": "austen", "method": method, "rank": 16, "lr": lr, "seed": seed}
+        spec.update({"ablation": ablation} if ablation else {})
+        r = {"id": quality.run_id(spec), "spec": spec, "val_loss": 3.0 if lr == 1e-3 else 3.5, "test_ppl": ppl, "finite": True,
+             "trainable_params": 10, "curve": [(0, 3.6)], "peak_gib": 1.0, "tok_s": 5.0,
+             "resample_s": 0.0, "resamples": 0, "tokens": 100, "train_s": 1.0}
+        if survival is not None:
+            r["survival"] = [{"survival": survival, "survival_min": survival - 0.01, "update_rel": 0.02,
+                              "jump_rel": 1e-3}]
+        return r["id"], r
+
+    results = dict([result("rosa", 3e-4, 0, 26.0), result("rosa", 3e-3, 0, 27.0), result("lora", 3e-4, 0, 26.5),
+                    result("lora", 3e-3, 0, 27.5)]  # the sweeps: 1e-3 is each one's best
+                   + [result("rosa", 1e-3, s, 25.0 + s / 10) for s in range(3)]
+                   + [result("lora", 1e-3, s, 25.7) for s in range(3)]
+                   + [result("rosa-nf4", 1e-3, s, 25.1, survival=0.9999) for s in range(3)]
+                   + [result("qlora", 1e-3, s, 25.9 + s / 10) for s in range(3)]
+                   + [result("rosa", 1e-3, s, 25.2, quality.BF16_STORED, survival=0.99) for s in (1, 2)]
+                   + [result("rosa", 1e-3, 0, 25.3, quality.BF16_STORED)])
+    (tmp_path / "bench.json").write_text(json.dumps({"survival_stack_bf16_nf4_1e-2": 0.99999}))
+    flat = quality_report.quantized_summary(results, bench_dir=tmp_path)
+    assert flat["ppl_rosa_nf4_r16"] == pytest.approx(25.1) and flat["ppl_rosa_bf16_r16"] == pytest.approx(25.1)
+    assert flat["ppl_rosa_bf16_r16_std"] == pytest.approx(0.1) and flat["ppl_qlora_r16"] == pytest.approx(26.0)
+    assert flat["ppl_lora_r16"] == pytest.approx(25.7) and flat["ppl_lora_r16_std"] == 0.0
+    assert flat["ppl_rosa_bf16_stored_r16_seeds"] == 3 and flat["survival_rosa_bf16_stored_r16_seeds"] == 2
+    assert flat["lr_qlora_r16"] == 1e-3 and flat["survival_rosa_nf4_r16"] == pytest.approx(0.9999)
+    assert flat["target_rosa_nf4_beats_qlora"] and flat["target_rosa_nf4_within_bf16_spread"]
+    assert "survival_bench_nf4_stack" not in flat  # its file is not in this folder
+    text = quality_report.quantized_markdown(flat)
+    assert "| ROSA, NF4 base |" in text and "25.10 ± 0.00" in text and "beats PEFT QLoRA: **yes**" in text
+    flat_old, _ = quality_report.summarize(results)  # the study's own report: seed 0 of the bf16 ablation only
+    assert flat_old["ablation_model_dtype=bfloat16_ppl"] == 25.3
