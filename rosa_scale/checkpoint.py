@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .engines.local import world
 from .model import rosa_layers, rosa_state
-from .quant import QuantRosaLinear, quant_type_of
+from .quant import QuantRosaLinear, fingerprint, quant_type_of
 
 FOLDER = "checkpoints"
 LATEST = "latest"
@@ -244,9 +244,10 @@ def _write_parts(tmp: Path, step: int, model, module, optimizer, tokenizer, trai
         **trainer_state, "step": step, "split_index": rosa_state(module).split_index,
         "world_size": world()[0], "rosa_layers": _layer_records(layers),
     }
-    stacks = {n: int(l.stack_up.shape[1]) for n, l in layers.items() if isinstance(l, QuantRosaLinear)}
-    if stacks:
-        state["stack_columns"] = stacks
+    quantized = {n: l for n, l in layers.items() if isinstance(l, QuantRosaLinear)}
+    if quantized:
+        state["stack_columns"] = {n: int(l.stack_up.shape[1]) for n, l in quantized.items()}
+        state["base_fingerprints"] = {n: _fingerprint(l) for n, l in quantized.items()}
     error = None
     try:
         if _is_deepspeed(model):
@@ -372,12 +373,14 @@ def load_checkpoint(path: Path, *, model, module, optimizer, expect: dict, state
 
         stateless = set(state.get("stateless_params") or ())
         _size_stacks(module, state.get("stack_columns") or {}, path)
+        _check_quantized_base(module, state.get("base_fingerprints") or {}, path)
         model_sd, optim_sd = get_state_dict(module, optimizer)
+        for key in _quantized_base_keys(module, model_sd):  # never loaded: this run quantized the same base
+            model_sd.pop(key)
         for name in stateless:  # saved as a placeholder: not read, emptied below
             optim_sd.get("state", {}).pop(name, None)
         holder = {"model": model_sd, "optim": optim_sd}
         _dcp_load(holder, path / "state")
-        _check_quantized_base(module, holder["model"], path)
         set_state_dict(module, optimizer, model_state_dict=holder["model"], optim_state_dict=holder["optim"],
                        options=StateDictOptions(strict=False))  # the frozen quantized base was checked, not loaded
         _forget_state(module, optimizer, sorted(stateless))
@@ -410,26 +413,27 @@ def _size_stacks(module, columns: dict[str, int], path: Path) -> None:
         layer.stack_down = layer.stack_down.new_zeros(width, layer.in_features)
 
 
-def _check_quantized_base(module, model_sd: dict, path: Path) -> None:
-    """A quantized base is quantized again from the original weights at every start, never loaded:
-    its saved codes (kept for rosa-consolidate) must equal the ones this run made, else the run
-    continues on another base (changed weights, or another bitsandbytes) and is refused. The saved
-    entries are then dropped from ``model_sd``."""
-    current = None
+def _fingerprint(layer: QuantRosaLinear) -> list[int]:
+    """The base's checksums, computed once per process (the base is never written)."""
+    if getattr(layer, "_base_fingerprint", None) is None:
+        layer._base_fingerprint = fingerprint(layer.base)
+    return layer._base_fingerprint
+
+
+def _quantized_base_keys(module, model_sd: dict) -> list[str]:
+    prefixes = tuple(f"{n}.base." for n, l in rosa_layers(module).items() if isinstance(l, QuantRosaLinear))
+    return [k for k in model_sd if prefixes and k.startswith(prefixes)]
+
+
+def _check_quantized_base(module, fingerprints: dict, path: Path) -> None:
+    """A quantized base is quantized again from the original weights at every start, never loaded (its
+    saved copy is for rosa-consolidate): it must be the one the checkpoint was trained on, else the run
+    would continue on another base (changed weights, another bitsandbytes), and is refused."""
     for name, layer in rosa_layers(module).items():
-        if not isinstance(layer, QuantRosaLinear):
-            continue
-        if current is None:
-            current = module.state_dict()
-        for key in [k for k in model_sd if k.startswith(f"{name}.base.")]:
-            saved = model_sd.pop(key)
-            now = current[key]
-            if hasattr(now, "full_tensor"):
-                now = now.full_tensor()
-            if saved.shape != now.shape or not torch.equal(saved.to(now.device), now):
-                raise CheckpointError(f"checkpoint {path} was trained on another quantized base: {key} differs from "
-                                      "the one quantized from this run's model (other weights, or another "
-                                      "bitsandbytes version)")
+        if isinstance(layer, QuantRosaLinear) and fingerprints.get(name) != _fingerprint(layer):
+            raise CheckpointError(f"checkpoint {path} was trained on another quantized base: {name}.base differs "
+                                  "from the one quantized from this run's model (other weights, or another "
+                                  "bitsandbytes version)")
 
 
 def _dcp_load(holder: dict, folder: Path) -> None:

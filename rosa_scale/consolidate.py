@@ -326,6 +326,7 @@ class Item:
     dtype: torch.dtype
     sources: tuple[str, ...]  # one tensor, or a ROSA layer's (base.weight, up, down)
     transposed: bool = False  # a Conv1D weight: stored (in, out), the factors are (out x r), (r x in)
+    quantized: int = 0  # a quantized base: its first ``quantized`` sources are the base's saved state
     outputs: list[Spec] = field(default_factory=list)  # itself, unless transformers converts it on saving
 
 
@@ -393,7 +394,15 @@ def plan_items(skeleton, trainer_state: dict, tensors: dict, shared: dict, out_d
     items, optional = [], set()
     for key, meta in every.items():
         owner, _, leaf = key.rpartition(".")
-        if owner in rosa:
+        quantized = ()
+        if owner in rosa and leaf == "weight" and _is_quantized(rosa[owner], owner, tensors):
+            quantized = sorted(n for n in tensors if n.startswith(owner + ".base.") and n != owner + ".base.bias")
+            out_f, in_f = linear_shape(modules[owner])
+            rank = _rank(rosa[owner], tensors.get(owner + ".up"))
+            sources = (*quantized, *(f"{owner}.{t}" for t in QUANT_PARTS))
+            expected.update({n: tuple(tensors[n][0]) for n in quantized})  # packed codes: any layout
+            expected.update(_quant_shapes(owner, out_f, in_f, rank, tensors))
+        elif owner in rosa:
             sources = (f"{owner}.base.{leaf}",)
             if leaf == "weight":
                 out_f, in_f = linear_shape(modules[owner])
@@ -402,15 +411,17 @@ def plan_items(skeleton, trainer_state: dict, tensors: dict, shared: dict, out_d
                 expected[owner + ".up"], expected[owner + ".down"] = (out_f, rank), (rank, in_f)
         else:
             sources = (key,)
-        expected[sources[0]] = tuple(meta.shape)
+        if not quantized:
+            expected[sources[0]] = tuple(meta.shape)
         if key not in written:  # a tied alias: not written, and the checkpoint need not hold it
             optional.update(sources)
             continue
         stored = tensors.get(sources[0]) or tensors.get(shared.get(sources[0], ""))
-        dtype = stored[1] if stored else meta.dtype
+        dtype = meta.dtype if quantized or not stored else stored[1]
         if dtype.is_floating_point:
             dtype = torch.float32 if fp32 is not None and fp32.search(key) else out_dtype
-        items.append(Item(key, tuple(meta.shape), dtype, sources, transposed=owner in conv1d and leaf == "weight"))
+        items.append(Item(key, tuple(meta.shape), dtype, sources, transposed=owner in conv1d and leaf == "weight",
+                          quantized=len(quantized)))
 
     _mismatch(skeleton, {
         "tensors missing": [n for n in expected if n not in optional and n not in tensors
@@ -419,6 +430,28 @@ def plan_items(skeleton, trainer_state: dict, tensors: dict, shared: dict, out_d
                           if n in tensors and tuple(tensors[n][0]) != tuple(want)],
         "tensors not in the model": [n for n in tensors if n not in expected]})
     return items
+
+
+# What a quantized ROSA layer saves beside its base (rosa_scale.quant.QuantRosaLinear): the sources of
+# its merged weight, then two tensors the merge does not need (window count, the guard's bound).
+QUANT_PARTS = ("up", "down", "up0", "down0", "stack_up", "stack_down")
+QUANT_UNUSED = ("windows", "frozen_peak")
+
+
+def _is_quantized(info, owner: str, tensors: dict) -> bool:
+    """A ROSA layer over a quantized base: recorded so, or (older records) saved with a stack."""
+    return bool(isinstance(info, dict) and info.get("quantize")) or owner + ".stack_up" in tensors
+
+
+def _quant_shapes(owner: str, out_f: int, in_f: int, rank, tensors: dict) -> dict[str, tuple]:
+    """The shapes the config gives a quantized layer's ROSA tensors (the stack: any width, both alike)."""
+    width = tensors.get(owner + ".stack_up", ((out_f, 0),))[0][-1]
+    shapes = {"up": (out_f, rank), "down": (rank, in_f), "up0": (out_f, rank), "down0": (rank, in_f),
+              "stack_up": (out_f, width), "stack_down": (width, in_f)}
+    shapes = {f"{owner}.{k}": v for k, v in shapes.items()}
+    shapes.update({f"{owner}.{k}": tuple(tensors[f"{owner}.{k}"][0]) for k in QUANT_UNUSED
+                   if f"{owner}.{k}" in tensors})
+    return shapes
 
 
 def plan_outputs(skeleton, items: list[Item]):
@@ -500,10 +533,28 @@ def merged_value(item: Item, values: dict[str, torch.Tensor]) -> torch.Tensor:
     """The output tensor from its sources: ``w_fixed + up @ down`` in fp32 for a ROSA weight."""
     if len(item.sources) == 1:
         return values[item.sources[0]].to(item.dtype)
+    if item.quantized:
+        return _merged_quantized(item, values)
     w, up, down = (values.pop(n) for n in item.sources)
     merged = merge(w.T if item.transposed else w, up, down)  # the same fp32 fold as the live export
     del w, up, down
     return (merged.T if item.transposed else merged).to(item.dtype).contiguous()
+
+
+def _merged_quantized(item: Item, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``deq(Q0) + S + up @ down - up0 @ down0`` in fp32 from a quantized layer's saved state, cast."""
+    from .quant import dequantize_saved, merged_from_parts
+
+    base_names = item.sources[:item.quantized]
+    prefix = base_names[0][:base_names[0].index(".base.") + len(".base.")]
+    try:
+        base = dequantize_saved({n[len(prefix):]: values.pop(n) for n in base_names})
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ConsolidateError(f"cannot dequantize {prefix}weight: {_first_line(err)}") from None
+    if tuple(base.shape) != item.shape:
+        raise ConsolidateError(f"{prefix}weight dequantizes to {tuple(base.shape)}, the config wants {item.shape}")
+    parts = [values.pop(n) for n in item.sources[item.quantized:]]
+    return merged_from_parts(base, *parts).to(item.dtype).contiguous()
 
 
 def reader_name(reader, name: str) -> str:
@@ -561,6 +612,8 @@ def _copy_model_files(model_dir: Path, tmp: Path, config, skeleton, dtype_name: 
     file of ``model/`` (generation config, tokenizer) as it is."""
     config.dtype = dtype_name
     config.architectures = [type(skeleton).__name__]
+    if getattr(config, "quantization_config", None) is not None:  # the merged weights are plain
+        del config.quantization_config
     config.save_pretrained(tmp)
     for src in model_dir.iterdir():
         if src.name == "config.json" or src.name.endswith(_WEIGHT_FILES):

@@ -5,6 +5,7 @@ call) and only rank 0 keeps the full copy, on the CPU.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from contextlib import contextmanager
@@ -132,8 +133,11 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.d
         return None
     # The plain class, built directly: from_config would start a (collective) ZeRO-3 init here.
     plain = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    config = copy.deepcopy(model.config)
+    if getattr(config, "quantization_config", None) is not None:  # a quantized base merges into plain weights
+        del config.quantization_config
     with torch.device("meta"):
-        skeleton = plain(model.config)
+        skeleton = plain(config)
     if getattr(model, "generation_config", None) is not None:
         skeleton.generation_config = model.generation_config
     return save_hf_folder(skeleton, tokenizer, out_dir, state_dict=state)

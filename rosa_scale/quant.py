@@ -95,6 +95,16 @@ def keep_standard_layout(base: nn.Module) -> None:
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
 
 
+def _expose_saved_names(base: nn.Module) -> None:
+    """``Linear8bitLt`` saves ``SCB`` and ``weight_format`` entries that are no attributes of it, and
+    ``torch.distributed.checkpoint``'s state-dict functions look every saved name up on the module:
+    give them attributes to find (unused by bitsandbytes, which reads its scales from weight or state)."""
+    if type(base).__name__ == "Linear8bitLt":
+        for name in ("SCB", "weight_format"):
+            if not hasattr(base, name):
+                object.__setattr__(base, name, None)
+
+
 @torch.no_grad()
 def dequantize(base: nn.Module) -> torch.Tensor:
     """The (out x in) weight a bitsandbytes layer holds, in fp32."""
@@ -108,6 +118,68 @@ def dequantize(base: nn.Module) -> torch.Tensor:
     if scale is not None:  # Int8Params: int8 rows with absmax scaling
         return w.data.float() * (scale.float()[:, None] / 127.0)
     raise TypeError(f"{type(base).__name__} holds no quantized weight to dequantize")
+
+
+_SAVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@torch.no_grad()
+def dequantize_saved(saved: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (out x in) fp32 weight of a bitsandbytes layer's saved state (its ``state_dict`` entries
+    without the layer's prefix: ``weight`` and ``weight.absmax``, ... for 4-bit; ``weight`` and ``SCB``
+    for int8), as ``dequantize`` gives it from the live layer. The 4-bit record's JSON part is read
+    as data and checked before bitsandbytes sees it."""
+    weight = saved["weight"]
+    if "SCB" in saved:
+        return weight.float() * (saved["SCB"].float()[:, None] / 127.0)
+    bf = bitsandbytes().functional
+    parts = {k[len("weight."):]: v for k, v in saved.items() if k.startswith("weight.")}
+    packed = [k for k in parts if k.startswith("quant_state.")]
+    if len(packed) != 1:
+        raise ValueError(f"a 4-bit weight's state needs one quant_state entry, found {len(packed)}")
+    parts.update(bf.unpack_tensor_to_dict(parts.pop(packed[0])))  # JSON
+    for key in ("dtype", "nested_dtype"):
+        if key in parts and parts[key] not in _SAVED_DTYPES:
+            raise ValueError(f"a 4-bit weight's state names dtype {parts[key]!r}")
+    if parts.get("quant_type") not in ("nf4", "fp4"):
+        raise ValueError(f"a 4-bit weight's state names quant_type {parts.get('quant_type')!r}")
+    state = bf.QuantState.from_dict(parts, device=weight.device)
+    return bf.dequantize_4bit(weight, state).float()
+
+
+@torch.no_grad()
+def merged_from_parts(base: torch.Tensor, up, down, up0, down0, stack_up, stack_down) -> torch.Tensor:
+    """``deq(Q0) + S + (up - up0) @ down + up0 @ (down - down0)`` in fp32, ``base`` being ``deq(Q0)``
+    (fp32, updated in place): the effective weight, live (``merged_weight``) or from a checkpoint."""
+    if stack_up.shape[1]:
+        base.addmm_(stack_up.float(), stack_down.float())
+    up, down, up0, down0 = (t.float() for t in (up, down, up0, down0))
+    base.addmm_(up - up0, down)
+    base.addmm_(up0, down - down0)
+    return base
+
+
+@torch.no_grad()
+def fingerprint(base: nn.Module, chunk: int = 1 << 24) -> list[int]:
+    """Two exact checksums over the bytes of everything ``base`` saves (codes, scales, quantization
+    state): their sum and their position-weighted sum, computed on the base's device in chunks. A
+    resume compares them to tell that it quantized the same base again, without reading the
+    checkpoint's copy of it. Integer arithmetic in float64 stays exact below 2^53: a byte (< 256)
+    times a weight (< 65536) over < 2^29 bytes per chunk."""
+    plain, weighted = 0, 0
+    for value in base.state_dict().values():
+        data = value.detach().contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, data.numel(), chunk):
+            part = data[start:start + chunk].double()
+            weight = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.float64) % 65521 + 1
+            plain += int(part.sum().item())
+            weighted += int((part * weight).sum().item())
+    return [plain, weighted]
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A factor whole: gathered from its FSDP2 shards (a collective), or as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def quant_type_of(base: nn.Module) -> str:
@@ -128,6 +200,7 @@ class QuantRosaLinear(RosaLinear):
         if not is_quantized_linear(base):
             raise TypeError(f"QuantRosaLinear needs a bitsandbytes layer, got {type(base).__name__}")
         keep_standard_layout(base)
+        _expose_saved_names(base)
         super().__init__(base, rank, adapter_dtype)
         self.merge_dtype = merge_dtype
         device, out_features, in_features = self.up.device, self.out_features, self.in_features
@@ -171,47 +244,62 @@ class QuantRosaLinear(RosaLinear):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``deq(Q0) + S + up @ down - up0 @ down0`` (out x in) in fp32."""
-        up, down, up0, down0 = (t.float() for t in (self.up, self.down, self.up0, self.down0))
-        w = self.frozen_weight()
-        w.addmm_(up - up0, down)
-        w.addmm_(up0, down - down0)
-        return w
+        """``deq(Q0) + S + up @ down - up0 @ down0`` (out x in) in fp32. Under FSDP2 every process
+        must call it together (the factors' shards are gathered)."""
+        return merged_from_parts(dequantize(self.base), _whole(self.up), _whole(self.down), self.up0, self.down0,
+                                 self.stack_up, self.stack_down)
 
-    def _window_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out x 2r, 2r x in) whose product is the current window's change ``up down - up0 down0``."""
-        return (torch.cat([self.up - self.up0, self.up0], dim=1), torch.cat([self.down, self.down - self.down0]))
+    def _window_factors(self, up=None, down=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out x 2r, 2r x in) whose product is the current window's change ``up down - up0 down0``.
+        The frozen copies take the factors' dtype: under FSDP2's bf16 compute both round alike, so the
+        change is exactly 0 right after a split there too."""
+        up = self.up if up is None else up
+        down = self.down if down is None else down
+        up0, down0 = self.up0.to(up.dtype), self.down0.to(down.dtype)
+        return torch.cat([up - up0, up0], dim=1), torch.cat([down, down - down0])
 
     @torch.no_grad()
-    def fold_window_(self) -> None:
-        """Append the current window's change to the stack (no-op before the first split).
+    def fold_window_(self, up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> None:
+        """Append the current window's change to the stack (no-op before the first split); ``up`` and
+        ``down`` are the whole factors where the layer holds shards of them (FSDP2).
 
-        Element-wise work on the factors only, so DDP replicas, whose factors are identical, fold
-        bit-identically without communicating.
+        Element-wise work on the factors only, so replicas whose factors are identical (DDP, or FSDP2
+        after gathering) fold bit-identically without communicating.
         """
         if int(self.windows) == 0:
             return
-        new_up, new_down = self._window_factors()
+        new_up, new_down = self._window_factors(up, down)
         bound = (new_up.abs().amax(dim=0) * new_down.abs().amax(dim=1)).sum().float()
         self.frozen_peak.add_(torch.nan_to_num(bound, nan=float("inf")))
         self.stack_up = torch.cat([self.stack_up, new_up.to(self.stack_up.dtype)], dim=1)
         self.stack_down = torch.cat([self.stack_down, new_down.to(self.stack_down.dtype)])
 
     @torch.no_grad()
-    def resplit_(self, generator: torch.Generator, config) -> None:
-        """Fold the window into the stack, split ``deq(Q0) + S`` on a new window, copy in place."""
-        self.fold_window_()
+    def split_frozen(self, generator: torch.Generator, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new window's factors of ``deq(Q0) + S``, in the factors' dtype (call after folding)."""
         w = self.frozen_weight()
         if config.factorize_device == "cpu":
             w = w.cpu()
         _, up, down = split(w, self.rank, method=config.method, sampling=config.sampling, generator=generator,
                             overwrite=True)  # w_fixed is not needed: the base stays as it is
-        del w
+        device = self.up0.device
+        return up.to(device, self.up0.dtype), down.to(device, self.down0.dtype)
+
+    @torch.no_grad()
+    def start_window_(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """The new window starts at ``up0, down0 = up, down`` (the trained factors are written by the caller)."""
+        self.up0.copy_(up)
+        self.down0.copy_(down)
+        self.windows += 1
+
+    @torch.no_grad()
+    def resplit_(self, generator: torch.Generator, config) -> None:
+        """Fold the window into the stack, split ``deq(Q0) + S`` on a new window, copy in place."""
+        self.fold_window_()
+        up, down = self.split_frozen(generator, config)
         self.up.copy_(up)
         self.down.copy_(down)
-        self.up0.copy_(self.up)  # after the cast to the factors' dtype: the window starts at exactly 0
-        self.down0.copy_(self.down)
-        self.windows += 1
+        self.start_window_(self.up, self.down)
 
     def follow_resplit_(self) -> None:
         """A replica that does not own this matrix: fold like the owner; the factors come by broadcast."""
@@ -305,8 +393,13 @@ def ignore_in_ddp(model: nn.Module, *, undo: bool = False) -> None:
 
 
 def refuse_quantized(layers, engine: str) -> None:
-    """One line for engines that cannot hold a quantized base yet (FSDP2, DeepSpeed ZeRO-3)."""
+    """One line for engines that cannot hold a quantized base (DeepSpeed ZeRO-3)."""
     quantized = [n for n, layer in layers.items() if isinstance(layer, QuantRosaLinear)]
     if quantized:
         raise ConfigError(f"config key 'rosa.quantize' ({quant_type_of(layers[quantized[0]].base)}) is not "
-                          f"supported under {engine}: train a quantized base in one process or under DDP")
+                          f"supported under {engine}: train a quantized base in one process, under DDP or FSDP2")
+
+
+def quantized_base_params(model: nn.Module) -> set[nn.Parameter]:
+    """The frozen quantized bases' parameters (codes, bias): FSDP2 leaves them whole on every process."""
+    return {p for m in model.modules() if isinstance(m, QuantRosaLinear) for p in m.base.parameters()}

@@ -5,6 +5,11 @@ A resample goes in rounds. In each round every rank owns at most one matrix: the
 it owns), the owners merge and split concurrently, and each owner scatters its new values
 into the existing local shards. Peak extra memory per rank is one matrix's full tensors
 plus one in flight, whatever the model size; parameter objects are never replaced.
+
+A quantized base (bitsandbytes' packed 4-bit codes or int8 rows) is not sharded: FSDP2 cannot
+split packed codes into DTensor shards, and at 4 bits the whole base costs each rank what a bf16
+base sharded over 4 ranks would. Only its factors are sharded; the frozen copies and the stack are
+replicated buffers that every rank updates alike.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..factorize import window_generator
 from ..layer import resplit_values
-from ..quant import refuse_quantized
+from ..quant import QuantRosaLinear, quantized_base_params
 from .local import world
 from .plan import owner_queues
 from .state import reset_optimizer_state
@@ -36,9 +41,6 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfl
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from ..model import rosa_layers
-
-    refuse_quantized(rosa_layers(model), "FSDP2")
     if mesh is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
@@ -47,9 +49,11 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfl
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules to shard by")
+    whole = quantized_base_params(model) or None  # packed 4-bit codes cannot be split into DTensor shards
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params=whole)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=whole)
     return model
 
 
@@ -78,7 +82,6 @@ class Fsdp2Engine:
     def resplit(self, model, layers, index: int, config) -> None:
         from torch.distributed.fsdp import FSDPModule
 
-        refuse_quantized(layers, "FSDP2")
         for module in model.modules():  # a no_grad forward leaves the root unsharded: writes would be lost
             if isinstance(module, FSDPModule):
                 module.reshard()
@@ -86,23 +89,55 @@ class Fsdp2Engine:
         queues = owner_queues({n: (l.out_features, l.in_features) for n, l in layers.items()}, size)
         for step in range(max(len(q) for q in queues)):
             round_ = [(r, q[step]) for r, q in enumerate(queues) if step < len(q)]
-            mine = None
-            for owner, name in round_:
-                layer = layers[name]
-                full = [_full(t) for t in (layer.weight_param, layer.up, layer.down)]  # collective
-                if owner == rank:
-                    mine = (name, full)
-                del full
-            new = None
-            if mine is not None:
-                name, (w, up, down) = mine
-                layer = layers[name]
-                new = resplit_values(w, up, down, transposed=layer.transposed, rank=layer.rank,
-                                     generator=window_generator(config.seed, index, name), config=config)
-                del mine, w, up, down
-            for owner, name in round_:
-                layer = layers[name]
-                values = new if owner == rank else (None, None, None)
-                for param, value in zip((layer.weight_param, layer.up, layer.down), values):
-                    _write(param, value, owner)
-            del new
+            plain = [(owner, name) for owner, name in round_ if not isinstance(layers[name], QuantRosaLinear)]
+            self._plain_round(plain, layers, index, config, rank)
+            quantized = [(owner, name) for owner, name in round_ if isinstance(layers[name], QuantRosaLinear)]
+            self._quantized_round(quantized, layers, index, config, rank)
+
+    @staticmethod
+    def _plain_round(round_, layers, index: int, config, rank: int) -> None:
+        """The round's plain layers: gather, owners merge and split concurrently, write back."""
+        mine = None
+        for owner, name in round_:
+            layer = layers[name]
+            full = [_full(t) for t in (layer.weight_param, layer.up, layer.down)]  # collective
+            if owner == rank:
+                mine = (name, full)
+            del full
+        new = None
+        if mine is not None:
+            name, (w, up, down) = mine
+            layer = layers[name]
+            new = resplit_values(w, up, down, transposed=layer.transposed, rank=layer.rank,
+                                 generator=window_generator(config.seed, index, name), config=config)
+            del mine, w, up, down
+        for owner, name in round_:
+            layer = layers[name]
+            values = new if owner == rank else (None, None, None)
+            for param, value in zip((layer.weight_param, layer.up, layer.down), values):
+                _write(param, value, owner)
+
+    @staticmethod
+    def _quantized_round(round_, layers, index: int, config, rank: int) -> None:
+        """The round's layers over a quantized base, whole on every rank (``shard_model`` leaves the base
+        unsharded): all ranks gather the factors and fold the window into their stacks alike, the owners
+        split ``deq(Q0) + S`` concurrently, and each owner's new factors go to every rank's shards and
+        frozen copies."""
+        new = (None, None)
+        for owner, name in round_:
+            layer = layers[name]
+            up, down = _full(layer.up), _full(layer.down)  # collective
+            layer.fold_window_(up, down)
+            del up, down
+            if owner == rank:
+                new = layer.split_frozen(window_generator(config.seed, index, name), config)
+        for owner, name in round_:
+            layer = layers[name]
+            values = new if owner == rank else (None, None)
+            for param, value in zip((layer.up, layer.down), values):
+                _write(param, value, owner)
+            for frozen, value in zip((layer.up0, layer.down0), values):
+                if value is not None:
+                    frozen.copy_(value)
+                dist.broadcast(frozen, src=owner)
+            layer.windows += 1
