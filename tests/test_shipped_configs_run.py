@@ -53,3 +53,18 @@ def test_zero3_offload_config_runs_through_accelerate(tiny_model_dir, tiny_data,
                           capture_output=True, text=True, timeout=600)
     summary = _check(out, "zero3", proc)
     assert summary["distributed_type"] == "DEEPSPEED"
+
+
+@pytest.mark.parametrize("config", ["configs/train/llama3-8b-nf4-1gpu-24gb.yaml", "configs/train/llama3-70b-nf4-1gpu.yaml"])
+def test_quantized_one_gpu_configs_run(config, tiny_model_dir, tiny_data, tmp_path):
+    """The NF4 configs in one process: the targets load quantized, paged 8-bit AdamW, bf16 compute."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rosa_scale.train", *_shrunk(config, tiny_model_dir, tiny_data, out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["engine"] == "local"
+    assert "weights bfloat16, compute bf16" in proc.stdout
+    saved = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert {r.get("quantize") for r in saved["rosa_layers"].values()} == {"nf4"}
+    assert saved["config"]["optimizer"] == "paged_adamw8bit"
