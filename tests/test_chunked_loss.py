@@ -1,0 +1,110 @@
+"""chunked_lm_loss equals the plain causal-LM cross-entropy, in value and gradient.
+
+The reference is the loss as a Hugging Face causal LM computes it (full logits, shifted labels,
+mean over non-ignored tokens) in float64; the chunked loss runs in fp32 with chunk sizes that do
+and do not divide the token count, with ignored labels, and through a tiny Llama end to end.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rosa_scale.chunked_loss import chunked_causal_lm_loss, chunked_lm_loss
+
+B, S, H, V = 2, 9, 16, 37  # 16 shifted tokens
+
+
+def _reference(hidden, weight, labels):
+    """The plain loss: every logit at once, shift, mean over non-ignored labels (float64)."""
+    logits = F.linear(hidden.double(), weight.double())
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, S, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, 3:6] = -100  # ignored tokens inside a chunk and across a chunk boundary
+    labels[1, -1] = -100
+    return hidden, weight, labels
+
+
+def _value_and_grads(fn, hidden, weight, labels):
+    hidden = hidden.clone().requires_grad_(True)
+    weight = nn.Parameter(weight.clone())  # a leaf a module can hold as it is
+    loss = fn(hidden, weight, labels)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+@pytest.mark.parametrize("head_kind", ["weight", "module"])
+def test_value_and_gradients_match_float64_reference(chunk, head_kind):
+    hidden, weight, labels = _inputs()
+    ref = _value_and_grads(_reference, hidden.double(), weight.double(), labels)
+
+    def chunked(h, w, y):
+        if head_kind == "module":
+            head = nn.Linear(H, V, bias=False)
+            head.weight = w  # the leaf itself, so its .grad is the one read below
+            return chunked_lm_loss(h, head, y, chunk_tokens=chunk)
+        return chunked_lm_loss(h, w, y, chunk_tokens=chunk)
+
+    got = _value_and_grads(chunked, hidden, weight, labels)
+    assert got[0].dtype == torch.float32
+    for name, a, b in zip(("loss", "d hidden", "d head weight"), got, ref):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6), name
+    assert ref[1][0, 3:6].abs().sum() > 0  # the hidden state before an ignored label still gets a gradient...
+    assert ref[1][:, -1].abs().sum() == 0  # ...the last position predicts nothing: zero gradient
+    assert torch.equal(got[1][:, -1], torch.zeros_like(got[1][:, -1]))
+
+
+def test_ignored_labels_are_left_out_of_the_mean():
+    hidden, weight, labels = _inputs()
+    plain = chunked_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    kept = labels[:, 1:] != -100
+    per_token = F.cross_entropy(F.linear(hidden[:, :-1], weight)[kept], labels[:, 1:][kept], reduction="none")
+    assert torch.allclose(plain, per_token.mean(), rtol=1e-6)
+    assert not torch.allclose(plain, per_token.sum() / labels[:, 1:].numel(), rtol=1e-3)  # not over all tokens
+
+
+def test_no_label_left_gives_nan_and_bad_arguments_are_refused():
+    hidden, weight, labels = _inputs()
+    assert torch.isnan(chunked_lm_loss(hidden, weight, torch.full_like(labels, -100)))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_lm_loss(hidden, weight, labels, chunk_tokens=0)
+    with pytest.raises(ValueError, match="agree"):
+        chunked_lm_loss(hidden, weight, labels[:, :-1])
+
+
+def test_hf_causal_lm_loss_and_gradients_match_its_own():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).float()
+    ids = torch.randint(0, 101, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt without loss
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = run(lambda: model(input_ids=ids, labels=labels).loss)
+    loss, grads = run(lambda: chunked_causal_lm_loss(model, ids, labels, chunk_tokens=5))
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+    assert grads["lm_head.weight"].abs().sum() > 0
+
+
+def test_models_with_scaled_logits_are_refused():
+    model = nn.Module()
+    model.config = type("Config", (), {"final_logit_softcapping": 30.0})()
+    with pytest.raises(ValueError, match="softcapping"):
+        chunked_causal_lm_loss(model, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
