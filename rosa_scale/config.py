@@ -117,6 +117,10 @@ class TrainConfig:
     log_every: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: Union[int, None] = None
+    """Compute the LM head and the loss this many tokens at a time, recomputed in backward, so the
+    full-vocabulary fp32 logits never exist whole (2 GiB at B=2, S=2048 with a 128k vocabulary, and as
+    much for their gradient). One process only (no DDP, FSDP2 or DeepSpeed wrapper to bypass)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.
@@ -232,7 +236,7 @@ def _validate(cfg: TrainConfig) -> None:
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     for key in ("max_steps", "resample_every", "eval_every", "max_train_blocks", "max_eval_blocks", "save_every",
-                "keep_last"):
+                "keep_last", "loss_chunk_tokens"):
         value = getattr(cfg, key)
         if isinstance(value, int) and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1 or null, got {value}")

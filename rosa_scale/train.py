@@ -25,6 +25,7 @@ import yaml
 from . import launcher_link
 from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
                          remove_leftovers, save_checkpoint)
+from .chunked_loss import chunked_causal_lm_loss
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .config_drift import check_resume_config
@@ -254,6 +255,9 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         raise ConfigError("config key 'max_skipped_steps' must be 0 under DeepSpeed ZeRO-3 (it updates the weights "
                           "inside backward, before a step could be skipped)")
     _refuse_quantized_engine(cfg, accelerate_fsdp, deepspeed)
+    if cfg.loss_chunk_tokens and accelerator.num_processes > 1:
+        raise ConfigError(f"config key 'loss_chunk_tokens' needs one process ({accelerator.num_processes} were "
+                          "launched: the DDP, FSDP2 or DeepSpeed wrapper must run the whole forward)")
     lock = _claim_output_dir(out, accelerator)
     if lock is not None:
         held.append(lock)
@@ -408,7 +412,11 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             batches += 1
             with accelerator.accumulate(model):
                 ids = batch["input_ids"]
-                loss = model(input_ids=ids, labels=ids).loss
+                if cfg.loss_chunk_tokens:
+                    with accelerator.autocast():  # the decoder is called past accelerate's wrapped forward
+                        loss = chunked_causal_lm_loss(module, ids, ids, chunk_tokens=cfg.loss_chunk_tokens)
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss
                 loss_bad = nonfinite(loss) if loss_bad is None else loss_bad | nonfinite(loss)
                 if deepspeed:  # DeepSpeed updates inside backward: decide before it
                     stop, bad_loss = agree(accelerator.device, watch.requested, loss_bad)

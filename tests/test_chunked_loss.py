@@ -108,3 +108,24 @@ def test_models_with_scaled_logits_are_refused():
     model.config = type("Config", (), {"final_logit_softcapping": 30.0})()
     with pytest.raises(ValueError, match="softcapping"):
         chunked_causal_lm_loss(model, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_rosa_train_with_loss_chunks_trains_the_same(tiny_model_dir, tiny_data, tmp_path):
+    """rosa-train --loss-chunk-tokens (chunks of 40 of the 4 x 32 tokens, through a resample) logs the
+    losses of the model's own loss up to fp32 summation order."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_resume import ENV, _args
+
+    losses = {}
+    for name, extra in (("whole", []), ("chunked", ["--loss-chunk-tokens", "40"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, *_args(tiny_model_dir, tiny_data, out, 4, 8, extra)],
+                              capture_output=True, text=True, env=ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                        if '"loss"' in line]
+    assert len(losses["whole"]) == 8
+    assert max(abs(a - b) for a, b in zip(losses["whole"], losses["chunked"])) < 1e-5

@@ -67,4 +67,4 @@ def test_quantized_one_gpu_configs_run(config, tiny_model_dir, tiny_data, tmp_pa
     assert "weights bfloat16, compute bf16" in proc.stdout
     saved = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert {r.get("quantize") for r in saved["rosa_layers"].values()} == {"nf4"}
-    assert saved["config"]["optimizer"] == "paged_adamw8bit"
+    assert saved["config"]["optimizer"] == "paged_adamw8bit" and saved["config"]["loss_chunk_tokens"] == 1024
