@@ -182,6 +182,14 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def parameter_count(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit one holds two per byte, a ZeRO-3 one looks empty."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def quant_type_of(base: nn.Module) -> str:
     w = base.weight
     return getattr(w, "quant_type", None) or "int8"

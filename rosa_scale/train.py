@@ -38,6 +38,7 @@ from .metrics import MetricsWriter
 from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
 from .optimizers import build_optimizer
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
+from .quant import QuantRosaLinear, parameter_count, quant_type_of
 from .quant_loading import is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
@@ -168,6 +169,12 @@ def _clear_previous_run(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("metrics.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
+
+
+def _base_kind(layers) -> str:
+    """What the start line says of a quantized base, e.g. `` (ROSA targets nf4, frozen)``."""
+    kinds = sorted({quant_type_of(layer.base) for layer in layers.values() if isinstance(layer, QuantRosaLinear)})
+    return f" (ROSA targets {'/'.join(kinds)}, frozen)" if kinds else ""
 
 
 def _refuse_quantized_engine(cfg: TrainConfig, accelerate_fsdp: bool, deepspeed: bool) -> None:
@@ -337,13 +344,13 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             _clear_previous_run(out)
         remove_leftovers(out / FOLDER)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 params look empty
-    everything = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in params)
+    everything = sum(parameter_count(p) for p in model.parameters())
     nodes = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     memory = (f", {torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30:.0f} GiB per GPU"
               if accelerator.device.type == "cuda" else "")
     say(f"rosa-train: {accelerator.distributed_type.value}, {accelerator.num_processes} processes on {nodes} node(s), "
-        f"engine {engine}, rank 0 on {accelerator.device}{memory}; weights {cfg.model_dtype}, compute "
+        f"engine {engine}, rank 0 on {accelerator.device}{memory}; weights {cfg.model_dtype}{_base_kind(layers)}, compute "
         f"{cfg.mixed_precision if cfg.mixed_precision != 'no' else cfg.model_dtype}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "

@@ -64,7 +64,7 @@ def test_quantized_one_gpu_configs_run(config, tiny_model_dir, tiny_data, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["engine"] == "local"
-    assert "weights bfloat16, compute bf16" in proc.stdout
+    assert "weights bfloat16 (ROSA targets nf4, frozen), compute bf16" in proc.stdout
     saved = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert {r.get("quantize") for r in saved["rosa_layers"].values()} == {"nf4"}
     assert saved["config"]["optimizer"] == "paged_adamw8bit" and saved["config"]["loss_chunk_tokens"] == 1024
