@@ -299,9 +299,11 @@ def test_a_live_run_holds_its_output_directory(tiny_model_dir, tiny_data, tmp_pa
 
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_directory_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    """The first run is long (it is stopped by SIGTERM once the second was refused): on a loaded
+    machine the second may take many seconds to reach its check, and must still find it running."""
     out = tmp_path / "shared"
     first = subprocess.Popen([sys.executable, "-m", "rosa_scale.train",
-                              *_args(tiny_model_dir, tiny_data, out, steps=400, batch_size=1)],
+                              *_args(tiny_model_dir, tiny_data, out, steps=5000, batch_size=1)],
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = __import__("time").time() + 120

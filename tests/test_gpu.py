@@ -139,3 +139,35 @@ def test_factorize_device_cpu_matches_gpu_split(method):
         assert all(t.is_cuda for t in out[where])
         torch.testing.assert_close(merge(*out[where]), w, rtol=0, atol=1e-12)
     torch.testing.assert_close(out["cpu"][1] @ out["cpu"][2], out["weight"][1] @ out["weight"][2], rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_rosa_train_fsdp2_over_an_nf4_base_matches_one_gpu(tmp_path):
+    """FSDP2 over NCCL with the NF4 base whole on each GPU and the factors sharded, against one GPU
+    (fp32 compute, so only reduction order differs); its sharded checkpoint consolidates to its export."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    args = [*_train_args(tmp_path, tmp_path / "x"), "--rosa.quantize", "nf4", "--lr", "1e-2", "--max-steps", "20"]
+    runs = {"one": [sys.executable, "-m", "rosa_scale.train", *args],
+            "fsdp2": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      str(free_port()), "-m", "rosa_scale.train", *args, "--fsdp", "true", "--batch-size", "2",
+                      "--save-every", "20"]}
+    for name, cmd in runs.items():
+        cmd[cmd.index("--output-dir") + 1] = str(tmp_path / name)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, fsdp = (json.loads((tmp_path / n / "summary.json").read_text()) for n in runs)
+    assert fsdp["engine"] == "fsdp2" and fsdp["world_size"] == 2
+    assert fsdp["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=1e-3)
+    assert one["eval_loss_after"] < one["eval_loss_before"] - 0.3
+    a, b = (load_file(tmp_path / n / "merged" / "model.safetensors") for n in runs)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=5e-3, msg=key)
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "rosa_scale.consolidate", str(tmp_path / "fsdp2"), str(out),
+                           "--no-progress"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = load_file(out / "model.safetensors")
+    for key, value in b.items():  # the export merged on the GPU, this on the CPU
+        torch.testing.assert_close(c[key], value, rtol=1e-5, atol=1e-6, msg=key)
