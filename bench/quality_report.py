@@ -159,11 +159,28 @@ def quantized_summary(results: dict, bench_dir: Path = RESULTS) -> dict:
         # "within the seed spread": the nf4 mean no further from the bf16 mean than one bf16 seed std
         flat["target_rosa_nf4_within_bf16_spread"] = abs(nf4 - bf16) <= std
         flat["rosa_nf4_in_bf16_seed_range"] = min(seeds) <= nf4 <= max(seeds)
+        # what the NF4 base itself costs: before training (validation) and after it, for each method
+        flat["untrained_val_ppl_nf4"] = math.exp(flat["untrained_val_loss_rosa_nf4_r16"])
+        flat["untrained_val_ppl_unquantized"] = math.exp(flat["untrained_val_loss_rosa_bf16_r16"])
+        flat["nf4_cost_ppl_rosa"] = nf4 - bf16
+        if "ppl_lora_r16" in flat:
+            flat["nf4_cost_ppl_lora"] = flat["ppl_qlora_r16"] - flat["ppl_lora_r16"]
     for name, (file, key, what) in SURVIVAL_BENCH.items():
         path = bench_dir / file
         if path.is_file():
             flat[f"survival_bench_{name}"] = json.loads(path.read_text())[key]
             flat[f"survival_bench_{name}_source"] = f"{file}:{key} ({what})"
+    # survival of a merged update at one resample, per base type: measured in the runs where they have it,
+    # else the synthetic bench (fp32 w_fixed: exact by construction, never measured in a run here)
+    for base, key, bench in (("nf4", "survival_rosa_nf4_r16", "nf4_stack"),
+                             ("bf16", "survival_rosa_bf16_stored_r16", "bf16_wfixed"),
+                             ("fp32", "survival_rosa_bf16_r16", "fp32_wfixed")):
+        if key in flat:
+            flat[f"survival_base_{base}"] = flat[key]
+            flat[f"survival_base_{base}_source"] = f"measured in the runs ({key}, mean over resamples and seeds)"
+        elif f"survival_bench_{bench}" in flat:
+            flat[f"survival_base_{base}"] = flat[f"survival_bench_{bench}"]
+            flat[f"survival_base_{base}_source"] = flat[f"survival_bench_{bench}_source"]
     return flat
 
 
@@ -303,6 +320,9 @@ def main() -> None:
         flat = quantized_summary(results)
         if "ppl_rosa_nf4_r16" not in flat:
             raise SystemExit(f"quality_report: no ROSA-NF4 runs in {' '.join(args.runs)}")
+        nf4_run = next(r for r in results.values() if r["spec"]["method"] == "rosa-nf4")
+        flat.update({f"setup_{k}": nf4_run[k] for k in ("steps", "batch", "seq", "tokens")})
+        flat["runs_folders"] = args.runs
         Path(args.out).with_suffix(".json").write_text(json.dumps(flat, indent=1) + "\n")
         print(quantized_markdown(flat))
         return
