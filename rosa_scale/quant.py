@@ -105,13 +105,41 @@ def _expose_saved_names(base: nn.Module) -> None:
                 object.__setattr__(base, name, None)
 
 
+def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values`` (flat, fp32) times the absmax of their block of ``blocksize`` consecutive elements."""
+    n = values.numel()
+    padded = F.pad(values, (0, -n % blocksize)).view(-1, blocksize)
+    return (padded * scales.float().view(-1, 1)).reshape(-1)[:n]
+
+
+def dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit`` (in ``state.dtype``), computed in plain torch on the CPU.
+
+    bitsandbytes 0.50's CPU kernel assumes that no block of 64 codes crosses a row: for a weight
+    whose in_features is not a multiple of the block size (a 96-wide layer) it returns other values
+    than its CUDA kernel, which reads the codes as one flat run of blocks, as they were quantized.
+    Here the codes are read that way on any device: code[nibble] * absmax in fp32 (absmax itself
+    from its 8-bit double quantization plus offset), then cast, the CUDA kernel's arithmetic."""
+    if packed.is_cuda:
+        return bitsandbytes().functional.dequantize_4bit(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        inner = state.state2
+        absmax = _blockwise(inner.code.float()[absmax.long()], inner.absmax, inner.blocksize) + state.offset
+    codes = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
+    count = torch.Size(state.shape).numel()
+    values = _blockwise(state.code.float().to(packed.device)[nibbles[:count]], absmax, state.blocksize)
+    return values.to(state.dtype).reshape(state.shape)
+
+
 @torch.no_grad()
 def dequantize(base: nn.Module) -> torch.Tensor:
     """The (out x in) weight a bitsandbytes layer holds, in fp32."""
     w = base.weight
     if hasattr(w, "quant_state"):  # Params4bit
         keep_standard_layout(base)
-        return bitsandbytes().functional.dequantize_4bit(w.data, w.quant_state).float()
+        return dequantize_4bit(w.data, w.quant_state).float()
     scale = getattr(w, "SCB", None)
     if scale is None:  # Linear8bitLt moves the scales to its state at the first forward
         scale = getattr(getattr(base, "state", None), "SCB", None)
@@ -144,7 +172,7 @@ def dequantize_saved(saved: dict[str, torch.Tensor]) -> torch.Tensor:
     if parts.get("quant_type") not in ("nf4", "fp4"):
         raise ValueError(f"a 4-bit weight's state names quant_type {parts.get('quant_type')!r}")
     state = bf.QuantState.from_dict(parts, device=weight.device)
-    return bf.dequantize_4bit(weight, state).float()
+    return dequantize_4bit(weight, state).float()
 
 
 @torch.no_grad()
@@ -328,8 +356,20 @@ class QuantRosaLinear(RosaLinear):
             plain.bias.copy_(bias)
         return plain
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base's output: bitsandbytes' own layer, except a 4-bit base on the CPU, whose
+        kernel misreads some shapes (``dequantize_4bit``): there the weight is dequantized here and
+        multiplied as ``Linear4bit`` does (in its compute dtype, back to the input's dtype)."""
+        state = getattr(self.base.weight, "quant_state", None)
+        if state is None or x.is_cuda:
+            return self.base(x)
+        dtype = self.base.compute_dtype or x.dtype
+        bias = self.base.bias
+        weight = dequantize_4bit(self.base.weight.data, state).to(dtype)
+        return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype)).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self._base_forward(x)
         if self.stack_up.shape[1]:
             xs = x.to(self.stack_up.dtype)
             out = out + F.linear(F.linear(xs, self.stack_down), self.stack_up).to(out.dtype)

@@ -117,8 +117,8 @@ def test_engines_that_cannot_hold_a_quantized_base_refuse_in_one_line():
 def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     """FSDP2 over an NF4 base (the base whole on each rank, the factors sharded), 2 gloo processes,
     against one process on the same global batch: they differ by fp32 reduction order only, which
-    Adam amplifies over 12 steps at lr 1e-2 (measured: 1e-6 in the first 5 steps, 1e-4 by step 12,
-    4.5e-3 in the merged weights that training moved by 0.26; DDP on 2 processes gave FSDP2's losses
+    Adam amplifies over 12 steps at lr 1e-2 (measured: 1e-6 in the first 6 steps, 2.4e-4 by step 12,
+    5.2e-3 in the merged weights that training moved by 0.085; DDP on 2 processes gave FSDP2's losses
     exactly). The sharded checkpoint consolidates to FSDP2's own export, bit for bit."""
     from tests.ports import free_port
     from tests.test_train_distributed import _args as dist_args
@@ -136,11 +136,11 @@ def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_pa
     losses = {name: _losses(tmp_path / name)[0] for name in runs}
     merged = {name: load_file(tmp_path / name / "merged" / "model.safetensors") for name in runs}
     for step, loss in losses["one"].items():
-        assert abs(losses["fsdp2"][step] - loss) <= (2e-6 if step <= 5 else 1e-3), step
+        assert abs(losses["fsdp2"][step] - loss) <= (2e-6 if step <= 6 else 1e-3), step
     start = load_file(tiny_model_dir / "model.safetensors")
     for key, value in merged["one"].items():
-        torch.testing.assert_close(merged["fsdp2"][key], value, rtol=0, atol=2e-2, msg=key)
-    assert max((merged["one"][k] - start[k]).abs().max() for k in start) > 0.1  # training moved the weights
+        torch.testing.assert_close(merged["fsdp2"][key], value, rtol=0, atol=1e-2, msg=key)
+    assert max((merged["one"][k] - start[k]).abs().max() for k in start) > 0.05  # training moved the weights
 
     out = tmp_path / "hf"
     _run(["-m", "rosa_scale.consolidate", str(tmp_path / "fsdp2"), str(out), "--no-progress"])
