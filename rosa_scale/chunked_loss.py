@@ -13,6 +13,8 @@ label is not ``ignore_index``.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Callable
 
 import torch
@@ -89,3 +91,105 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return chunked_lm_loss(hidden, model.get_output_embeddings(), labels, chunk_tokens=chunk_tokens,
                            ignore_index=ignore_index)
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed fp32 cross-entropy of ``F.linear(hidden, weight, bias)``, chunk by chunk, with the
+    gradient for ``hidden`` formed in the forward: the backward only scales it, so it never needs the
+    head's weight again (FSDP2 has resharded it by then, ZeRO-3 released it). For a frozen head only.
+    The arithmetic is autograd's through the model's own head: logits in the head's dtype, upcast for
+    the loss, ``softmax - onehot`` cast back to the logits' dtype and multiplied by the weight."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, ignore_index: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = [] if ctx.needs_input_grad[0] else None
+        for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+            logits = F.linear(h, weight, bias)
+            scores = logits.float()
+            total += F.cross_entropy(scores, y, ignore_index=ignore_index, reduction="sum")
+            if grads is not None:
+                probs = scores.softmax(-1)
+                keep = y != ignore_index
+                probs[keep, y[keep]] -= 1
+                probs[~keep] = 0
+                grads.append(probs.to(logits.dtype) @ weight.to(logits.dtype))
+            del logits, scores
+        if grads is not None:
+            ctx.save_for_backward(torch.cat(grads).to(hidden.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+
+
+def frozen_head_loss(hidden_states: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, chunk_tokens: int = 1024,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """``chunked_lm_loss`` for a frozen linear head whose weight may be gone by the backward (a
+    sharded or partitioned model's head, read inside its forward): the gradient for the hidden
+    states is formed chunk by chunk in the forward instead of recomputing the logits."""
+    if head.weight.requires_grad:
+        raise ValueError("frozen_head_loss needs a frozen LM head; a trained head goes through chunked_lm_loss")
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} "
+                         "must agree on batch and sequence")
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    count = (targets != ignore_index).sum()
+    with _gathered(head):
+        total = _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk_tokens, ignore_index)
+    return total / count
+
+
+def _gathered(head: nn.Module):
+    """The head's parameters whole: DeepSpeed ZeRO-3 partitions them outside the head's own forward,
+    unless they are whole already (persistent small ones, or a tied weight the embedding holds)."""
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(params) if params else contextlib.nullcontext()
+
+
+def _takes_logits_to_keep(module: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
+
+
+def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int,
+                        per_sequence: bool = False) -> torch.Tensor:
+    """The chunked loss of ``input_ids`` predicting themselves, computed inside ``model``'s own forward.
+
+    ``model`` is what a run calls (a DDP, FSDP2 or DeepSpeed wrapper, or ``module`` itself), ``module``
+    the Hugging Face causal LM inside. A forward hook on the decoder takes its last hidden states and
+    computes the loss there (``frozen_head_loss``), while the wrapper has the LM head's weight whole
+    (FSDP2's root; ZeRO-3's is gathered for it) and its gradient hooks armed; the model itself computes
+    logits for the last position only (``logits_to_keep=1``). Returns the mean loss, or with ``per_sequence`` one mean per sequence (no
+    gradient: evaluation)."""
+    _check_plain_logits(module)
+    if not _takes_logits_to_keep(module):
+        raise ValueError(f"{type(module).__name__}.forward takes no logits_to_keep: its loss cannot be chunked")
+    head, box = module.get_output_embeddings(), {}
+
+    def hook(_decoder, _args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if per_sequence:
+            box["loss"] = torch.stack([frozen_head_loss(h[None], head, y[None], chunk_tokens=chunk_tokens)
+                                       for h, y in zip(hidden, input_ids)])
+        else:
+            box["loss"] = frozen_head_loss(hidden, head, input_ids, chunk_tokens=chunk_tokens)
+
+    handle = module.get_decoder().register_forward_hook(hook)
+    try:
+        out = model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    if per_sequence or not torch.is_grad_enabled():
+        return box["loss"]
+    # tied to the model's output, so that the wrapper's backward hooks on it run (FSDP2 prepares its
+    # root there); the term is 0 unless a logit is not finite, which the run must see anyway
+    return box["loss"] + 0.0 * out.logits.float().sum()

@@ -120,7 +120,8 @@ class TrainConfig:
     loss_chunk_tokens: Union[int, None] = None
     """Compute the LM head and the loss this many tokens at a time, recomputed in backward, so the
     full-vocabulary fp32 logits never exist whole (2 GiB at B=2, S=2048 with a 128k vocabulary, and as
-    much for their gradient). One process only (no DDP, FSDP2 or DeepSpeed wrapper to bypass)."""
+    much for their gradient), in training and evaluation, under every engine. Needs a model whose
+    forward takes ``logits_to_keep`` (Llama, Qwen2, Mistral and most current causal LMs)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.

@@ -25,7 +25,7 @@ import yaml
 from . import launcher_link
 from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
                          remove_leftovers, save_checkpoint)
-from .chunked_loss import chunked_causal_lm_loss
+from .chunked_loss import loss_inside_forward
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .config_drift import check_resume_config
@@ -82,15 +82,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> float:
-    """Mean next-token loss per block over the held-out set, across all processes."""
+def evaluate(model, loader, accelerator, module=None, chunk_tokens: int | None = None) -> float:
+    """Mean next-token loss per block over the held-out set, across all processes (the LM head and
+    the loss ``chunk_tokens`` at a time when given: ``module`` is the causal LM inside ``model``)."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        nll = accelerator.gather_for_metrics(nll.view(ids.shape[0], -1).mean(1))
+        if chunk_tokens:
+            nll = loss_inside_forward(model, module, ids, chunk_tokens=chunk_tokens, per_sequence=True)
+        else:
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            nll = nll.view(ids.shape[0], -1).mean(1)
+        nll = accelerator.gather_for_metrics(nll)
         total += nll.double().sum().item()
         count += nll.numel()
     model.train()
@@ -262,9 +267,6 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         raise ConfigError("config key 'max_skipped_steps' must be 0 under DeepSpeed ZeRO-3 (it updates the weights "
                           "inside backward, before a step could be skipped)")
     _refuse_quantized_engine(cfg, accelerate_fsdp, deepspeed)
-    if cfg.loss_chunk_tokens and accelerator.num_processes > 1:
-        raise ConfigError(f"config key 'loss_chunk_tokens' needs one process ({accelerator.num_processes} were "
-                          "launched: the DDP, FSDP2 or DeepSpeed wrapper must run the whole forward)")
     lock = _claim_output_dir(out, accelerator)
     if lock is not None:
         held.append(lock)
@@ -362,7 +364,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                             resumed_at=None if resume_from is None else start_step)
     held.append(metrics)
     if resume_from is None:
-        eval_before = evaluate(model, eval_loader, accelerator)
+        eval_before = evaluate(model, eval_loader, accelerator, module, cfg.loss_chunk_tokens)
         metrics.log(0, eval_loss=eval_before, eval_ppl=_exp(eval_before))
         say(f"held-out perplexity before: {_exp(eval_before):.2f}")
     else:
@@ -420,8 +422,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             with accelerator.accumulate(model):
                 ids = batch["input_ids"]
                 if cfg.loss_chunk_tokens:
-                    with accelerator.autocast():  # the decoder is called past accelerate's wrapped forward
-                        loss = chunked_causal_lm_loss(module, ids, ids, chunk_tokens=cfg.loss_chunk_tokens)
+                    loss = loss_inside_forward(model, module, ids, chunk_tokens=cfg.loss_chunk_tokens)
                 else:
                     loss = model(input_ids=ids, labels=ids).loss
                 loss_bad = nonfinite(loss) if loss_bad is None else loss_bad | nonfinite(loss)
@@ -471,7 +472,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                 resamples += 1
                 clock = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                record["eval_loss"] = evaluate(model, eval_loader, accelerator)
+                record["eval_loss"] = evaluate(model, eval_loader, accelerator, module, cfg.loss_chunk_tokens)
                 record["eval_ppl"] = _exp(record["eval_loss"])
                 clock = time.perf_counter()
             if record:
@@ -494,7 +495,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     # The end: each phase may be cut short by a signal, which then leaves the checkpoint of this step.
     if watch.should_stop(accelerator.device):
         return stopped(step, epoch, batches)
-    eval_after = evaluate(model, eval_loader, accelerator)
+    eval_after = evaluate(model, eval_loader, accelerator, module, cfg.loss_chunk_tokens)
     metrics.log(step, eval_loss=eval_after, eval_ppl=_exp(eval_after))
     say(f"held-out perplexity after {step} steps and {resamples} resamples: {_exp(eval_after):.2f} "
         f"(before: {_exp(eval_before):.2f})")
