@@ -13,6 +13,7 @@ pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip i
 
 from rosa_scale import apply_rosa  # noqa: E402
 from rosa_scale.config import ConfigError, RosaConfig, TrainConfig  # noqa: E402
+from rosa_scale.consolidate import main as consolidate_main  # noqa: E402
 from tests.test_resume import ENV, _args, _losses  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def test_nf4_adamw8bit_run_resumes_bitwise_and_consolidates_to_its_export(device
     assert merged.keys() == again.keys() and all(torch.equal(merged[k], again[k]) for k in merged)
 
     out = tmp_path / "hf"
-    _run(["-m", "rosa_scale.consolidate", str(straight), str(out), "--no-progress"])
+    assert consolidate_main([str(straight), str(out), "--no-progress"]) == 0
     consolidated = load_file(out / "model.safetensors")
     assert consolidated.keys() == merged.keys()
     for key, value in merged.items():
@@ -143,6 +144,6 @@ def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_pa
     assert max((merged["one"][k] - start[k]).abs().max() for k in start) > 0.05  # training moved the weights
 
     out = tmp_path / "hf"
-    _run(["-m", "rosa_scale.consolidate", str(tmp_path / "fsdp2"), str(out), "--no-progress"])
+    assert consolidate_main([str(tmp_path / "fsdp2"), str(out), "--no-progress"]) == 0
     consolidated = load_file(out / "model.safetensors")
     assert all(torch.equal(consolidated[k], v) for k, v in merged["fsdp2"].items())

@@ -104,9 +104,14 @@ def _error(proc, fragment):
     assert len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]
 
 
-def test_resume_errors(tiny_model_dir, tiny_data, tmp_path):
-    run = lambda args: subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV,  # noqa: E731
-                                      timeout=300)
+def test_resume_errors(tiny_model_dir, tiny_data, tmp_path, capsys):
+    def run(args):  # rosa-train's main in this process: the refusals come before any training
+        from rosa_scale.train import main
+
+        assert args[:2] == ["-m", "rosa_scale.train"]
+        code = main(args[2:])
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
     _error(run(_args(tiny_model_dir, tiny_data, tmp_path / "a", 4, 4, ["--resume", str(tmp_path / "none")])),
            "not a complete checkpoint")
     _run(_args(tiny_model_dir, tiny_data, tmp_path / "b", 4, 4, ["--save-every", "4"]))
