@@ -1,7 +1,10 @@
-"""rosa-train on one node of 4 GPUs against two "nodes" of 2 GPUs each, through the shipped launchers.
+"""rosa-train on one node of N GPUs against two "nodes" of N/2 GPUs each, through the shipped launchers.
 
-Both runs fine-tune the same Llama-3-8B-shaped model (random bf16 weights, the shipped
-``configs/train/llama3-8b-fsdp2-4gpu.yaml`` as is, shortened) on the same data; the two-node run
+    python3 bench/multinode_bench.py --gpus 4 --out multinode-4gpu.json     # nvidia-h200-x4
+    python3 bench/multinode_bench.py --gpus 2 --out multinode-2gpu.json     # nvidia-h200-x2: 2 "nodes" of 1
+
+Both runs fine-tune the same Llama-3-8B-shaped model (random bf16 weights, the shipped FSDP2 config
+for that many GPUs, ``configs/train/llama3-8b-fsdp2-{2,4}gpu.yaml``, as is, shortened) on the same data; the two-node run
 goes through ``launch/multinode.sh`` twice (NODE_RANK 0 and 1, disjoint CUDA_VISIBLE_DEVICES,
 c10d rendezvous on this host), the one-node run through ``launch/local.sh``. Reported: the median
 tokens/s per GPU over the timed steps (the first steps are warm-up), and their ratio.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONFIG = "configs/train/llama3-8b-fsdp2-4gpu.yaml"
+CONFIGS = {2: "configs/train/llama3-8b-fsdp2-2gpu.yaml", 4: "configs/train/llama3-8b-fsdp2-4gpu.yaml"}
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -52,7 +55,7 @@ def prepare(work: Path, tiny: bool) -> tuple[Path, Path]:
 
 
 def _train_args(model_dir: Path, data: Path, out: Path, args) -> list[str]:
-    return ["--config", str(ROOT / CONFIG), "--model", str(model_dir), "--dataset", str(data),
+    return ["--config", str(ROOT / CONFIGS[args.gpus]), "--model", str(model_dir), "--dataset", str(data),
             "--max-steps", str(args.steps), "--warmup-steps", "2", "--resample-every", str(10 * args.steps),
             "--grad-accum", "1", "--batch-size", str(args.batch), "--block-size", str(args.seq),
             "--max-eval-blocks", "2", "--eval-every", str(10 * args.steps), "--save-every", str(10 * args.steps),
@@ -117,14 +120,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--port", type=int, default=29611)
     parser.add_argument("--timeout", type=int, default=420)
+    parser.add_argument("--gpus", type=int, choices=sorted(CONFIGS), default=4,
+                        help="GPUs in all: one node of all of them against two nodes of half each")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model_dir, data = prepare(work, args.tiny)
-    result = {"config": CONFIG, "steps": args.steps, "timed_from_step": args.skip + 1, "batch_per_gpu": args.batch,
+    result = {"config": CONFIGS[args.gpus], "gpus": 0 if args.tiny else args.gpus, "steps": args.steps, "timed_from_step": args.skip + 1, "batch_per_gpu": args.batch,
               "seq": args.seq, "prepare_s": time.perf_counter() - t0}
-    gpus = 0 if args.tiny else 4
+    gpus = 0 if args.tiny else args.gpus
     one = one_node(model_dir, data, work, args, gpus)
     two = two_nodes(model_dir, data, work, args, gpus // 2)
     result.update({f"one_node_{k}": v for k, v in one.items()})

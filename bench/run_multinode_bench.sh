@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One node of 4 GPUs against two "nodes" of 2 GPUs (launch/multinode.sh) on one nvidia-h200-x4 machine.
+# One node of N GPUs against two "nodes" of N/2 (launch/multinode.sh) on one machine: GPUS=4 (default) on
+# nvidia-h200-x4, GPUS=2 on nvidia-h200-x2 (two "nodes" of one GPU).
 # Here, once: the wheels rosa-train needs there (datasets is missing on the device, ~54 MB):
 #   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
@@ -15,5 +16,5 @@ export PYTHONPATH=/tmp/site:$PWD
 source bench/device_env.sh
 device_report
 df -h /tmp | tail -1
-python3 bench/multinode_bench.py --out "$OUTDIR/multinode-4gpu.json" --work /tmp/rosa-multinode-bench --timeout 240 \
+python3 bench/multinode_bench.py --gpus "${GPUS:-4}" --out "$OUTDIR/multinode-${GPUS:-4}gpu.json" --work /tmp/rosa-multinode-bench --timeout 240 \
   2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warnings.warn" | tail -60
