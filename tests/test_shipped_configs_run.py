@@ -1,6 +1,6 @@
 """The shipped 8B/70B training configs, run as shipped except for size: a tiny model, tiny data
 and a few steps, on 2 CPU processes. Everything else (bf16 weights and compute, gradient
-checkpointing, accumulation, eigh, fp32 w_fixed, re-warmup, checkpoints, resume auto) is theirs."""
+checkpointing, accumulation, eigh, the loss in chunks, re-warmup, checkpoints, resume auto) is theirs."""
 import json
 import os
 import subprocess
