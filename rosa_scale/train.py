@@ -43,6 +43,7 @@ from .quant_loading import is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
 from .schedule import lr_factor
+from .sharded_loading import can_stream, empty_model, fill
 
 # Config, data and model errors subclass ValueError, as do invalid ROSA settings for a model
 # (rank too large, unknown target module). ROSA_SCALE_DEBUG=1 shows the traceback instead.
@@ -278,15 +279,18 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         tokenizer = load_tokenizer(model_path)
         train_set, eval_set = build_datasets(cfg, tokenizer)
     quantized = cfg.rosa.quantize != "none" or is_prequantized(model_path)
+    own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
+    streamed = own_fsdp and not quantized and can_stream(model_path)  # read into its shards after sharding
     if quantized:  # quantized while loading, on its device: never whole in the model's dtype
         model = load_quantized_model(model_path, cfg.model_dtype, cfg.rosa, accelerator.device)
+    elif streamed:
+        model = empty_model(model_path, cfg.model_dtype)
     else:
         model = load_model(model_path, cfg.model_dtype)
-    if not deepspeed and not quantized:  # DeepSpeed places (and may already have partitioned) the weights itself
+    if not (deepspeed or quantized or streamed):  # DeepSpeed places (and may already have partitioned) the weights
         model.to(accelerator.device)
     # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) and ZeRO-3 the first split
     # is made after sharding, spread over the ranks; otherwise on the full weights right away.
-    own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
     apply_rosa(model, cfg.rosa, split=not split_after_prepare)
     if deepspeed:
@@ -303,6 +307,8 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
 
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        if streamed:
+            fill(model, model_path, accelerator.device)
     params = adapter_parameters(model)
     optimizer = torch_optimizer = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

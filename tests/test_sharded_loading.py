@@ -1,0 +1,42 @@
+"""FSDP2 runs read a model folder tensor by tensor into their shards: the values are the folder's,
+bit for bit, with no process ever holding the whole model; a folder that does not match is one line."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.ports import free_port
+
+
+def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+    save_file({**tensors, "model.extra.weight": torch.zeros(2)}, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "full.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "tests.sharded_loading_worker", "--model", str(tiny_model_dir),
+           "--bad-model", str(bad), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".pt.json").read_text())
+    assert report["meta_params"] and report["real_buffers"] and report["world_size"] == 2
+    assert report["bad"] == ("model.safetensors holds 'model.extra.weight', which LlamaForCausalLM has no parameter "
+                             "for (it cannot be read tensor by tensor)")
+    full = torch.load(out, weights_only=True)
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    layer = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(full[f"{layer}.up"], torch.zeros_like(full[f"{layer}.up"]))
+    for key, value in reference.items():
+        owner, _, leaf = key.rpartition(".")
+        name = f"{owner}.base.{leaf}" if f"{owner}.up" in full else key
+        assert torch.equal(full[name], value), key  # buffers (rotary frequencies) included
