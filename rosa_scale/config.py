@@ -57,8 +57,9 @@ class RosaConfig:
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Quantize the targeted layers once with bitsandbytes (4-bit nf4/fp4 with double quantization,
     or int8) and keep them frozen: each resample folds the trained window into a low-rank stack
-    beside the base instead of re-quantizing it (see rosa_scale/quant.py). One process or DDP;
-    fixed_dtype and stochastic_rounding do not apply."""
+    beside the base instead of re-quantizing it (see rosa_scale/quant.py). One process, DDP or FSDP2
+    (the quantized base whole on each process); not DeepSpeed ZeRO-3. rosa-train quantizes while
+    loading. fixed_dtype and stochastic_rounding do not apply."""
     stack_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Storage of the stack of finished windows with a quantized base. bf16 rounds each folded
     update by ~2^-9 of the update itself (its factors are differences); float32 keeps it exactly
