@@ -322,3 +322,24 @@ def test_on_gpu_bf16_resample_and_merge(quantize):
         plain = merged(ids).logits.float()
     gap = (plain - after).abs().max()
     assert gap <= 0.03 * trained + 2 * bf16_noise, (gap.item(), trained.item(), bf16_noise.item())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cpu_dequantization_reads_the_codes_as_cuda_does(quant_type):
+    """rosa_scale's CPU dequantization equals bitsandbytes' where its CPU kernel is right (widths that
+    are multiples of the 64-code block) and, 96 wide, where that kernel misreads the codes, it gives back
+    the quantized weight to within one quantization step (the kernel's values are off by far more)."""
+    import bitsandbytes.functional as bf
+
+    from rosa_scale.quant import dequantize_4bit
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, bnb_right in (((96, 64), True), ((64, 96), False)):
+        w = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
+        ours = dequantize_4bit(packed, state)
+        assert ours.dtype == torch.bfloat16 and ours.shape == w.shape
+        step = 0.35 * w.abs().max()  # the widest gap between neighbouring 4-bit codes, times absmax
+        assert (ours.float() - w.float()).abs().max() < step
+        if bnb_right:
+            assert torch.equal(ours, bf.dequantize_4bit(packed, state))
