@@ -1,0 +1,79 @@
+"""RosaCallback in transformers' Trainer (one process): resamples at the configured steps keep the
+model's function, clear the factors' state in the Trainer's own optimizer, and the merged model the
+callback writes at the end reloads in plain transformers with the trained model's outputs."""
+import pytest
+import torch
+
+from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
+from rosa_scale.callbacks import RosaCallback
+from tests.tiny import corpus, tiny_llama, tiny_tokenizer
+
+IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, n=64, length=24):
+        ids = tokenizer(" ".join(corpus(200)))["input_ids"]
+        self.blocks = [ids[i * length:(i + 1) * length] for i in range(n)]
+        assert len(self.blocks[-1]) == length
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        block = torch.tensor(self.blocks[i])
+        return {"input_ids": block, "labels": block}
+
+
+def test_trainer_with_rosa_callback(tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    probe = {"logit_gap": [], "state_after": [], "resampled_at": []}
+
+    class Probe(TrainerCallback):
+        """Around RosaCallback (listed first, so its on_step_end runs before and after this one's)."""
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            steps = [int(inner.state[p]["step"]) for p in adapter_parameters(model) if p in inner.state]
+            probe["state_after"].append((state.global_step, steps[:1]))
+
+    class Before(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                probe["before"] = model(IDS).logits.float()
+
+    class After(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                after = model(IDS).logits.float()
+            probe["logit_gap"].append((state.global_step, (after - probe["before"]).abs().max().item()))
+
+    tokenizer = tiny_tokenizer()
+    model = apply_rosa(tiny_llama(len(tokenizer)), RosaConfig(rank=4))
+    rosa = RosaCallback(resample_every=3, merged_dir=str(tmp_path / "merged"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer), processing_class=tokenizer,
+                      data_collator=default_data_collator, callbacks=[Before(), rosa, After(), Probe()])
+    result = trainer.train()
+
+    assert [step for step, _ in rosa.events] == [3, 6] and all(s > 0 for _, s in rosa.events)
+    gaps = dict(probe["logit_gap"])
+    moved = max(g for s, g in gaps.items() if s not in (3, 6))
+    assert moved == 0.0  # no resample there: the same model before and after the callbacks
+    assert all(gaps[s] < 1e-4 for s in (3, 6))  # a resample keeps the function (fp32)
+    starts = dict(probe["state_after"])
+    assert starts[3] == [] and starts[6] == []  # the factors' Adam state was cleared by the resample
+    assert starts[4] == [1] and starts[5] == [2] and starts[2] == [2]
+    assert result.training_loss > 0
+    trained = model(IDS).logits.float()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    torch.testing.assert_close(merged(IDS).logits.float(), trained, rtol=0, atol=1e-4)
+    assert any("resample_s" in record for record in trainer.state.log_history)
+
+
+def test_bad_schedule_is_one_line():
+    with pytest.raises(ValueError, match="resample_every must be >= 1, 'epoch' or None, got 0"):
+        RosaCallback(resample_every=0)
