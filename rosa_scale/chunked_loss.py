@@ -160,6 +160,15 @@ def _takes_logits_to_keep(module: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
+def check_chunkable(module: nn.Module) -> None:
+    """One ``ValueError`` line, before any training, for a model whose loss ``loss_inside_forward``
+    cannot compute: scaled logits, or a forward that cannot be asked for the last position only."""
+    _check_plain_logits(module)
+    if not _takes_logits_to_keep(module):
+        raise ValueError(f"{type(module).__name__}.forward takes no logits_to_keep: its loss cannot be chunked "
+                         "(loss_chunk_tokens)")
+
+
 def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int,
                         per_sequence: bool = False) -> torch.Tensor:
     """The chunked loss of ``input_ids`` predicting themselves, computed inside ``model``'s own forward.
@@ -170,9 +179,7 @@ def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Te
     (FSDP2's root; ZeRO-3's is gathered for it) and its gradient hooks armed; the model itself computes
     logits for the last position only (``logits_to_keep=1``). Returns the mean loss, or with ``per_sequence`` one mean per sequence (no
     gradient: evaluation)."""
-    _check_plain_logits(module)
-    if not _takes_logits_to_keep(module):
-        raise ValueError(f"{type(module).__name__}.forward takes no logits_to_keep: its loss cannot be chunked")
+    check_chunkable(module)
     head, box = module.get_output_embeddings(), {}
 
     def hook(_decoder, _args, output):

@@ -25,7 +25,7 @@ import yaml
 from . import launcher_link
 from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
                          remove_leftovers, save_checkpoint)
-from .chunked_loss import loss_inside_forward
+from .chunked_loss import check_chunkable, loss_inside_forward
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .config_drift import check_resume_config
@@ -327,6 +327,8 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     module = model if own_fsdp else accelerator.unwrap_model(model)  # the plain model, for ROSA and saving
     layers = rosa_layers(module)
     engine = engine_for(module).name
+    if cfg.loss_chunk_tokens:
+        check_chunkable(module)
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
