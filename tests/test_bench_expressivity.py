@@ -3,22 +3,17 @@
 LoRA at or above the Eckart-Young floor checks the floor is computed right (no rank-r update beats it);
 ROSA below it checks the resampled factors add up to more than rank r, as in tests/test_expressivity.py.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "expressivity.py"
+from tests.bench_module import load_bench
+
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_expressivity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("expressivity")
 
 
 @pytest.mark.parametrize("plot", [False, True])

@@ -4,22 +4,16 @@ The GPU run of this bench is the one that compares them; this keeps the script f
 key the report reads is written, steps take time, and the two start from the same loss (same base,
 adapters that start at zero change).
 """
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "quant_bench.py"
+from tests.bench_module import load_bench
+
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quant_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quant_bench")
 
 
 def test_quant_bench_tiny(tmp_path):

@@ -4,23 +4,17 @@ A base kept frozen with a stack of factors must keep every merged update (surviv
 rounding, no output jump), while re-quantizing an NF4 base in place must round a small update
 away: if either fails, the bench (or bitsandbytes) no longer measures what the choice rests on.
 """
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "quant_survival.py"
+from tests.bench_module import load_bench
+
 SIZES = ("1e-3", "1e-2", "5e-2")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quant_survival", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quant_survival")
 
 
 def test_quant_survival_bench_small(tmp_path):
