@@ -44,6 +44,7 @@ import torch
 from .cli import Parser
 from .factorize import merge
 from .layer import is_linear, linear_shape
+from .quant import drop_quantization_config
 from .safe_load import (CorruptCheckpointError, UnsafeCheckpointError, check_dcp_files, dcp_load, read_dcp_metadata,
                         torch_load)
 
@@ -612,8 +613,7 @@ def _copy_model_files(model_dir: Path, tmp: Path, config, skeleton, dtype_name: 
     file of ``model/`` (generation config, tokenizer) as it is."""
     config.dtype = dtype_name
     config.architectures = [type(skeleton).__name__]
-    if getattr(config, "quantization_config", None) is not None:  # the merged weights are plain
-        del config.quantization_config
+    drop_quantization_config(config)  # the merged weights are plain
     config.save_pretrained(tmp)
     for src in model_dir.iterdir():
         if src.name == "config.json" or src.name.endswith(_WEIGHT_FILES):

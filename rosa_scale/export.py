@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .factorize import merge
 from .model import rosa_layers
-from .quant import QuantRosaLinear
+from .quant import QuantRosaLinear, drop_quantization_config
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -134,8 +134,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.d
     # The plain class, built directly: from_config would start a (collective) ZeRO-3 init here.
     plain = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
     config = copy.deepcopy(model.config)
-    if getattr(config, "quantization_config", None) is not None:  # a quantized base merges into plain weights
-        del config.quantization_config
+    drop_quantization_config(config)  # a quantized base merges into plain weights
     with torch.device("meta"):
         skeleton = plain(config)
     if getattr(model, "generation_config", None) is not None:

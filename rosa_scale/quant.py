@@ -413,14 +413,19 @@ def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dty
                            merge_dtype=layer.weight.dtype)
 
 
+def drop_quantization_config(config) -> None:
+    """A model config that describes plain weights again (merged, dequantized): without transformers'
+    ``quantization_config``, which would make ``from_pretrained`` expect quantized tensors."""
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+
+
 def forget_quantization(model: nn.Module) -> None:
     """After merging, a model loaded with ``BitsAndBytesConfig`` whose quantized layers are all gone
     must not be saved as a quantized one: drop transformers' record of the quantization."""
     if any(is_quantized_linear(m) for m in model.modules()):
         return
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
+    drop_quantization_config(getattr(model, "config", None))
     for attr, plain in (("is_quantized", False), ("hf_quantizer", None), ("quantization_method", None),
                         ("is_loaded_in_4bit", False), ("is_loaded_in_8bit", False)):
         if hasattr(model, attr):
