@@ -52,6 +52,9 @@ PROBES = [(("stdlib", "rosa", 64), a)
 QUANTIZED = {"rosa-nf4": "rosa", "qlora": "lora"}
 QUANT_CELLS = [("austen", "rosa-nf4", 16), ("austen", "qlora", 16)]
 QUANT_SEEDS = (0, 1, 2)
+# ROSA over NF4 with the stack started at the rank-k fit of each layer's quantization error
+# (RosaConfig.quant_error_rank): how much of the gap to ROSA over a bf16 base it closes.
+ERROR_FITS = ({"quant_error_rank": 16}, {"quant_error_rank": 64})
 # The literal bf16 base for ROSA: the model stored in bf16, so each resample rounds w_fixed to bf16. Seed 0 is
 # the model_dtype ablation; the quantized phase adds seeds 1 and 2.
 BF16_STORED = {"model_dtype": "bfloat16"}
@@ -133,7 +136,8 @@ def _build(spec: dict, model_dir: str, factorize_device: str = "weight"):
 
         cfg = RosaConfig(rank=spec["rank"], method=opts["factorizer"], sampling=opts["sampling"],
                          fixed_dtype=opts["fixed_dtype"], seed=spec["seed"], factorize_device=factorize_device,
-                         quantize="nf4" if spec["method"] == "rosa-nf4" else "none")
+                         quantize="nf4" if spec["method"] == "rosa-nf4" else "none",
+                         quant_error_rank=opts.get("quant_error_rank", 0))
         apply_rosa(model, cfg)
         _compute_nf4_in(model, NF4_COMPUTE_DTYPE)
         return model, adapter_parameters(model)
@@ -376,6 +380,9 @@ def quantized_specs(results: dict[str, dict]) -> list[dict]:
         if best_lr(results, *counterpart) is not None and sweep_settled(results, *counterpart):
             lr = best_lr(results, *counterpart)
             specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": s} for s in QUANT_SEEDS]
+            if method == "rosa-nf4":
+                specs += [{"corpus": corpus, "method": method, "rank": rank, "lr": lr, "seed": s, "ablation": fit}
+                          for fit in ERROR_FITS for s in QUANT_SEEDS]
     if best_lr(results, "austen", "rosa", 16) is not None and sweep_settled(results, "austen", "rosa", 16):
         lr = best_lr(results, "austen", "rosa", 16)
         specs += [{"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": s, "ablation": BF16_STORED}

@@ -60,6 +60,10 @@ class RosaConfig:
     beside the base instead of re-quantizing it (see rosa_scale/quant.py). One process, DDP or FSDP2
     (the quantized base whole on each process); not DeepSpeed ZeRO-3. rosa-train quantizes while
     loading. fixed_dtype and stochastic_rounding do not apply."""
+    quant_error_rank: int = 0
+    """With a quantized base: start each layer's stack with the best rank-k fit of its quantization
+    error ``W0 - deq(Q(W0))`` (an SVD of the original weight's error, once), so training starts
+    nearer the unquantized model; costs k(m+n) stack values per matrix. 0: the base as quantized."""
     stack_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Storage of the stack of finished windows with a quantized base. bf16 rounds each folded
     update by ~2^-9 of the update itself (its factors are differences); float32 keeps it exactly
@@ -271,6 +275,10 @@ def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:
         raise ConfigError(f"config key '{prefix}rank' as a fraction must be in (0, 1), got {rank}")
     if isinstance(rank, int) and rank < 1:
         raise ConfigError(f"config key '{prefix}rank' must be >= 1, got {rank}")
+    if rosa.quant_error_rank < 0:
+        raise ConfigError(f"config key '{prefix}quant_error_rank' must be >= 0, got {rosa.quant_error_rank}")
+    if rosa.quant_error_rank and rosa.quantize == "none":
+        raise ConfigError(f"config key '{prefix}quant_error_rank' needs '{prefix}quantize' (nf4, fp4 or int8)")
     if rosa.method == "qr" and rosa.sampling != "random":
         raise ConfigError(f"config key '{prefix}sampling' must be 'random' with method 'qr' (a random subspace)")
 

@@ -9,6 +9,7 @@ Merging gives plain ``nn.Linear`` layers again, dequantized, in the dtype they h
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 import re
 from dataclasses import dataclass, replace
 
@@ -109,12 +110,15 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in rosa_layers(model).values() for p in (layer.up, layer.down)]
 
 
-def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: bool = True) -> nn.Module:
+def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: bool = True,
+               originals: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Wrap the targeted layers of ``model`` in place and freeze every other parameter.
 
     With ``split=True`` the first split (index 0) is made here; under DDP every process must
     call this together (each matrix is factorized once, by its owner rank). Sharded setups
     pass ``split=False`` and make the first split after sharding with ``resample(..., index=0)``.
+    ``originals`` (target name -> weight before quantization) serves ``quant_error_rank`` for a model
+    loaded already quantized; a weight is read when its layer is wrapped.
     """
     config = replace(config) if config is not None else RosaConfig()
     validate_rosa(config)
@@ -132,7 +136,8 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
     for n in names:
         layer, dtype = model.get_submodule(n), _DTYPES[config.adapter_dtype]
         if config.quantize != "none" or is_quantized_linear(layer):  # a base quantized here or at loading
-            wrapped = wrap_quantized(layer, ranks[n], config, dtype, model_dtype)
+            original = originals[n] if originals is not None and config.quant_error_rank else None
+            wrapped = wrap_quantized(layer, ranks[n], config, dtype, model_dtype, original)
         else:
             wrapped = RosaLinear(layer, ranks[n], dtype)
         _set_submodule(model, n, wrapped)

@@ -322,6 +322,18 @@ class QuantRosaLinear(RosaLinear):
         return up.to(device, self.up0.dtype), down.to(device, self.down0.dtype)
 
     @torch.no_grad()
+    def correct_error_(self, original: torch.Tensor, rank: int) -> None:
+        """Start the (empty) stack with the best rank-``rank`` fit of ``original - deq(Q0)``: the part
+        of the quantization error a low-rank term can hold (LoftQ's first step; the base is kept)."""
+        if self.stack_up.shape[1]:
+            raise RuntimeError("the quantization error is corrected before the first window is folded")
+        error = original.to(self.stack_up.device, torch.float32) - dequantize(self.base)
+        _, up, down = split(error, min(rank, *error.shape), method="eigh", sampling="top", overwrite=True)
+        self.frozen_peak.add_((up.abs().amax(dim=0) * down.abs().amax(dim=1)).sum())
+        self.stack_up = up.to(self.stack_up.dtype)
+        self.stack_down = down.to(self.stack_down.dtype)
+
+    @torch.no_grad()
     def start_window_(self, up: torch.Tensor, down: torch.Tensor) -> None:
         """The new window starts at ``up0, down0 = up, down`` (the trained factors are written by the caller)."""
         self.up0.copy_(up)
@@ -399,18 +411,27 @@ def check_target(name: str, layer: nn.Module, config) -> None:
                           f"{type(layer).__name__}")
 
 
-def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dtype,
-                   model_dtype: torch.dtype) -> QuantRosaLinear:
+def wrap_quantized(layer: nn.Module, rank: int, config, adapter_dtype: torch.dtype, model_dtype: torch.dtype,
+                   original: torch.Tensor | None = None) -> QuantRosaLinear:
     """Quantize ``layer`` (an nn.Linear) as ``config.quantize`` says and wrap it; a layer that is
     already quantized (a model loaded with transformers' ``BitsAndBytesConfig``) is wrapped as it is
-    (``check_target`` has checked that ``config.quantize`` is 'none' or names its quantization)."""
+    (``check_target`` has checked that ``config.quantize`` is 'none' or names its quantization);
+    ``original`` is its weight before quantization, which ``config.quant_error_rank`` needs then."""
     stack_dtype = _STACK_DTYPES[config.stack_dtype]
     if is_quantized_linear(layer):
+        if config.quant_error_rank and original is None:
+            raise ConfigError("config key 'rosa.quant_error_rank' needs the original weights of a model loaded "
+                              "quantized: pass them to apply_rosa (originals=...), or quantize in apply_rosa")
         state = getattr(layer.weight, "quant_state", None)  # merged back to the dtype it was quantized from
         merge_dtype = state.dtype if state is not None and state.dtype.is_floating_point else model_dtype
-        return QuantRosaLinear(layer, rank, adapter_dtype, stack_dtype=stack_dtype, merge_dtype=merge_dtype)
-    return QuantRosaLinear(quantize_linear(layer, config.quantize), rank, adapter_dtype, stack_dtype=stack_dtype,
-                           merge_dtype=layer.weight.dtype)
+        wrapped = QuantRosaLinear(layer, rank, adapter_dtype, stack_dtype=stack_dtype, merge_dtype=merge_dtype)
+    else:
+        original = layer.weight.detach()
+        wrapped = QuantRosaLinear(quantize_linear(layer, config.quantize), rank, adapter_dtype,
+                                  stack_dtype=stack_dtype, merge_dtype=layer.weight.dtype)
+    if config.quant_error_rank:
+        wrapped.correct_error_(original, config.quant_error_rank)
+    return wrapped
 
 
 def drop_quantization_config(config) -> None:

@@ -9,11 +9,14 @@ model's dtype, so merging gives a plain model again.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 
 from .config import RosaConfig
 from .layer import is_linear
-from .loading import DTYPES, _load
+from .loading import DTYPES, ModelLoadError, _load
 from .model import find_target_modules
 from .quant import bitsandbytes
 
@@ -49,3 +52,32 @@ def load_quantized_model(path: str, dtype: str, rosa: RosaConfig, device: torch.
 
     extra = {} if is_prequantized(path) else {"quantization_config": bnb_config(rosa, path, dtype)}
     return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype], device_map={"": device}, **extra)
+
+
+class OriginalWeights(Mapping):
+    """Target name -> its weight in the folder at ``path`` (in ``dtype``, on the CPU), read from the
+    safetensors files one tensor at a time when asked: the originals ``rosa.quant_error_rank`` fits
+    the quantization error of, for a model that ``load_quantized_model`` quantized while loading."""
+
+    def __init__(self, path: str, dtype: str):
+        from safetensors import safe_open
+
+        self._dtype, self._files = DTYPES[dtype], {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                self._files.update({key: file for key in f.keys()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"{name}.weight"
+        if key not in self._files:
+            raise ModelLoadError(f"the model folder has no tensor {key!r} to fit rosa.quant_error_rank to")
+        with safe_open(str(self._files[key]), framework="pt", device="cpu") as f:
+            return f.get_tensor(key).to(self._dtype)
+
+    def __iter__(self):
+        return (key.removesuffix(".weight") for key in self._files if key.endswith(".weight"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -39,7 +39,7 @@ from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
 from .optimizers import build_optimizer
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
 from .quant import QuantRosaLinear, parameter_count, quant_type_of
-from .quant_loading import is_prequantized, load_quantized_model
+from .quant_loading import OriginalWeights, is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
 from .schedule import lr_factor
@@ -292,7 +292,9 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) and ZeRO-3 the first split
     # is made after sharding, spread over the ranks; otherwise on the full weights right away.
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
-    apply_rosa(model, cfg.rosa, split=not split_after_prepare)
+    fit_error = cfg.rosa.quant_error_rank and quantized and not is_prequantized(model_path)
+    originals = OriginalWeights(model_path, cfg.model_dtype) if fit_error else None
+    apply_rosa(model, cfg.rosa, split=not split_after_prepare, originals=originals)
     if deepspeed:
         _zero3_leaves(model, cfg.zero3_leaf_layers,
                       accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))

@@ -88,11 +88,13 @@ def test_quantized_phase_reuses_the_counterparts_rate_and_adds_bf16_seeds():
     results = dict([result("rosa", 16, 3e-4, 3.2), result("rosa", 16, 1e-3, 3.1), result("rosa", 16, 3e-3, 3.3),
                     result("lora", 16, 3e-4, 3.3), result("lora", 16, 1e-3, 3.2)])
     ids = {quality.run_id(s) for s in quality.plan("quantized", results)}
+    fits = {f"austen_rosa-nf4-r16_lr0.001_s{s}_quant_error_rank={k}" for k in (16, 64) for s in range(3)}
     assert ids == {"austen_rosa-nf4-r16_lr0.001_s0", "austen_rosa-nf4-r16_lr0.001_s1", "austen_rosa-nf4-r16_lr0.001_s2",
-                   "austen_rosa-r16_lr0.001_s1_model_dtype=bfloat16", "austen_rosa-r16_lr0.001_s2_model_dtype=bfloat16"}
+                   "austen_rosa-r16_lr0.001_s1_model_dtype=bfloat16", "austen_rosa-r16_lr0.001_s2_model_dtype=bfloat16",
+                   *fits}
     results.update([result("lora", 16, 3e-3, 3.25), result("rosa-nf4", 16, 1e-2, 1.0)])  # lora settled at 1e-3
     ids = {quality.run_id(s) for s in quality.plan("quantized", results)}
-    assert {"austen_qlora-r16_lr0.001_s0", "austen_qlora-r16_lr0.001_s2"} <= ids and len(ids) == 8
+    assert {"austen_qlora-r16_lr0.001_s0", "austen_qlora-r16_lr0.001_s2"} <= ids and len(ids) == 8 + len(fits)
     assert quality.best_lr(results, "austen", "rosa", 16) == 1e-3  # an nf4 run never changes rosa's rate
     assert not any("nf4" in quality.run_id(s) or "qlora" in quality.run_id(s) for s in quality.plan("all", results))
 

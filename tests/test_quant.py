@@ -247,6 +247,37 @@ def test_refusals_are_one_line():
     assert not hasattr(prequantized, "rosa_state") and type(prequantized.model.layers[0].mlp.down_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantization_error_fit_is_its_top_singular_part(tmp_path, quantize):
+    """quant_error_rank=k starts the stack at the best rank-k fit of ``W0 - deq(Q0)``: what is left of the
+    error is its singular values past k (float64 SVD reference), the first split keeps the function, and a
+    model loaded quantized by transformers gets the same stack from its originals (refused without them)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model, k = tiny_llama(), 6
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear}
+    apply_rosa(model, RosaConfig(rank=4, quantize=quantize, quant_error_rank=k, stack_dtype="float32"))
+    for name, layer in rosa_layers(model).items():
+        error = originals[name].double() - dequantize(layer.base).double()
+        rest = torch.linalg.svdvals(error)[k:].square().sum().sqrt()
+        left = torch.linalg.matrix_norm(error - layer.stack_up.double() @ layer.stack_down.double())
+        assert layer.stack_up.shape[1] == k and abs(left - rest) <= 1e-5 * error.norm(), name
+        fitted = originals[name].double() - error + layer.stack_up.double() @ layer.stack_down.double()
+        torch.testing.assert_close(layer.merged_weight().double(), fitted, rtol=0, atol=1e-6)  # the split kept it
+    tiny_llama().save_pretrained(tmp_path / "plain")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32) if quantize == "nf4" \
+        else BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    loaded = [AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=bnb, device_map="cpu")
+              for _ in range(2)]
+    with pytest.raises(ConfigError, match="quant_error_rank' needs the original weights"):
+        apply_rosa(loaded[0], RosaConfig(rank=4, quantize=quantize, quant_error_rank=k))
+    apply_rosa(loaded[1], RosaConfig(rank=4, quantize=quantize, quant_error_rank=k, stack_dtype="float32"),
+               originals=originals)
+    for name, layer in rosa_layers(loaded[1]).items():
+        assert torch.equal(layer.stack_up, rosa_layers(model)[name].stack_up), name
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_model_loaded_with_bitsandbytes_config(tmp_path, quantization):
     """A model transformers loaded quantized keeps its quantized layers as the frozen base

@@ -33,14 +33,14 @@ def _resume_copy(src, dst, step: int):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_nf4_adamw8bit_run_resumes_bitwise_and_consolidates_to_its_export(device, tiny_model_dir, tiny_data, tmp_path):
-    """20 steps, resamples at 7 and 14, checkpoints at 10 and 20. Resumed from 10 (its stack holds one
-    folded window, the optimizer 8-bit state), the run repeats the losses and merged weights bitwise;
-    rosa-consolidate of the last checkpoint writes the run's own merged export, bit for bit, as a
-    plain model (no quantization config) that transformers loads. On a GPU: bf16 weights and compute,
+    """20 steps, resamples at 7 and 14, checkpoints at 10 and 20. Resumed from 10 (its stack holds the
+    quantization error's rank-2 fit and one folded window, the optimizer 8-bit state), the run repeats
+    the losses and merged weights bitwise; rosa-consolidate of the last checkpoint writes the run's own
+    merged export, bit for bit, as a plain model (no quantization config) that transformers loads. On a GPU: bf16 weights and compute,
     the paged 8-bit AdamW."""
     from transformers import AutoModelForCausalLM
 
-    quant = ["--rosa.quantize", "nf4", "--optimizer", "adamw8bit", "--save-every", "10"]
+    quant = ["--rosa.quantize", "nf4", "--optimizer", "adamw8bit", "--save-every", "10", "--rosa.quant-error-rank", "2"]
     env = ENV
     if device == "cuda":
         env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
@@ -51,7 +51,7 @@ def test_nf4_adamw8bit_run_resumes_bitwise_and_consolidates_to_its_export(device
     state = json.loads((straight / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
     layer = "model.layers.0.mlp.up_proj"
     assert state["rosa_layers"][layer] == {"transposed": False, "rank": 4, "quantize": "nf4"}
-    assert state["stack_columns"][layer] == 2 * 4  # one finished window: [up - up0, up0]
+    assert state["stack_columns"][layer] == 2 + 2 * 4  # the error's rank-2 fit, one window: [up - up0, up0]
     _resume_copy(straight, resumed, 10)
     _run(_args(tiny_model_dir, tiny_data, resumed, 4, 20, [*quant, "--resume", "auto"]), env=env)
 
