@@ -61,6 +61,11 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gc-every", type=int, default=0,
                    help="automatic garbage collection off; a young-generation collection every N timed steps (0: Python's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer before sharding (rosa-train's default on GPUs)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
@@ -138,10 +143,22 @@ def mp_policy(dev: torch.device):
     return MixedPrecisionPolicy()
 
 
-def shard_layers(model: torch.nn.Module, dev: torch.device) -> None:
+def prepare_layers(model: torch.nn.Module, args) -> None:
+    """What rosa-train does to the decoder layers before sharding: checkpointing, then compilation."""
+    from rosa_scale.compiled_layers import decoder_layers
+
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+
+
+def shard_layers(model: torch.nn.Module, dev: torch.device, args) -> None:
     """``fully_shard`` every decoder layer, then ``model`` as the root (what shard_model does)."""
     from torch.distributed.fsdp import fully_shard
 
+    prepare_layers(model, args)
     policy = mp_policy(dev)
     for module in list(model.modules()):
         if type(module).__name__ == "LlamaDecoderLayer":
@@ -155,9 +172,15 @@ def make_batch(args, dev: torch.device) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(dev)
 
 
-def train_step(model, opt, ids: torch.Tensor) -> None:
-    """Forward with labels, backward, optimizer step (if any)."""
-    loss = model(input_ids=ids, labels=ids).loss
+def train_step(model, opt, ids: torch.Tensor, chunk: int = 0) -> None:
+    """Forward with labels (or the chunked loss), backward, optimizer step (if any)."""
+    if chunk:
+        from rosa_scale.chunked_loss import loss_inside_forward
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        loss = loss_inside_forward(model, inner, ids, chunk_tokens=chunk)
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     if opt is not None:
         opt.step()
@@ -201,7 +224,7 @@ def setup_frozen(args, dev: torch.device) -> tuple:
     model = build_model(args, dev)
     model.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
-    shard_layers(model, dev)
+    shard_layers(model, dev, args)
     return model, None, {}
 
 
@@ -212,7 +235,7 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     base = build_model(args, dev)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(base, lora)
-    shard_layers(model.get_base_model(), dev)
+    shard_layers(model.get_base_model(), dev, args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt, {}
 
@@ -225,6 +248,7 @@ def setup_rosa(args, dev: torch.device) -> tuple:
     model = build_model(args, dev)
     apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed), split=False)
     policy = mp_policy(dev)
+    prepare_layers(model, args)
     shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
     sync(dev)
     start = time.perf_counter()
@@ -273,7 +297,7 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stats = time_steps(model, opt, args, dev)
+    stats = time_steps(model, opt, args, dev, step=lambda m, o, ids: train_step(m, o, ids, args.loss_chunk))
     result.update({f"{mode}_{k}": v for k, v in stats.items()})
     log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
         f"peak {fmt(stats['peak_gib'])} GiB")
@@ -334,7 +358,8 @@ def header(args, dev: torch.device) -> dict:
         "seq": args.seq, "batch_per_gpu": args.batch, "rank": args.rank, "layers": args.layers,
         "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "gc_every": args.gc_every,
+        "gc_every": args.gc_every, "compile": args.compile, "checkpointing": args.checkpointing,
+        "loss_chunk": args.loss_chunk,
         "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
     }

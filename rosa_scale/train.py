@@ -26,6 +26,7 @@ from . import launcher_link
 from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
                          remove_leftovers, save_checkpoint)
 from .chunked_loss import check_chunkable, loss_inside_forward
+from .compiled_layers import compile_decoder_layers, compile_unavailable, decoder_layers
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .config_drift import check_resume_config
@@ -183,6 +184,17 @@ def _base_kind(layers) -> str:
     return f" (ROSA targets {'/'.join(kinds)}, frozen)" if kinds else ""
 
 
+def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized: bool, deepspeed: bool) -> int:
+    """How many decoder layers ``cfg.compile`` compiled (before any sharding): ``auto`` compiles on a
+    CUDA device with a plain base outside DeepSpeed, and skips silently where it cannot."""
+    if cfg.compile is False:
+        return 0
+    if cfg.compile == "auto" and (device.type != "cuda" or quantized or deepspeed
+                                  or compile_unavailable(device) or not decoder_layers(model)):
+        return 0
+    return compile_decoder_layers(model, device)
+
+
 def _refuse_quantized_engine(cfg: TrainConfig, accelerate_fsdp: bool, deepspeed: bool) -> None:
     """A quantized base or an 8-bit optimizer where the engine cannot hold them: one line, before loading."""
     if deepspeed and cfg.rosa.quantize != "none":
@@ -301,6 +313,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = _compile_layers(cfg, model, accelerator.device, quantized=quantized, deepspeed=deepspeed)
     if own_fsdp:
         from .engines.fsdp2 import shard_model
 
@@ -366,7 +379,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         f"{cfg.mixed_precision if cfg.mixed_precision != 'no' else cfg.model_dtype}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
-        f"{total} steps, resample every {every or 'never'}")
+        f"{total} steps, resample every {every or 'never'}{f'; {compiled} layers compiled' if compiled else ''}")
     if overridden:
         say(f"rosa-train: resuming with new values of {', '.join(overridden)} (resume_override)")
 
@@ -529,7 +542,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if accelerator.is_main_process:
         if deepspeed:
             summary["zero3_fast_leaf_fetch"] = _zero3_fast_leaf_fetch(model)
-        summary.update(distributed_type=accelerator.distributed_type.value, engine=engine,
+        summary.update(distributed_type=accelerator.distributed_type.value, engine=engine, compiled_layers=compiled,
                        num_processes=accelerator.num_processes,
                        world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

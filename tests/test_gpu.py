@@ -202,3 +202,22 @@ def test_loss_chunks_under_zero3_with_a_partitioned_head(tmp_path):
                         if '"loss"' in line]
     assert len(losses["whole"]) == 12
     assert max(abs(a - b) for a, b in zip(losses["whole"], losses["chunked"])) < 1e-4
+
+
+def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path):
+    """compile: auto compiles each decoder layer on a GPU; the run logs the losses of the eager run
+    (bf16: fused kernels round differently) through its resamples."""
+    losses, summaries = {}, {}
+    for name, extra in {"compiled": [], "eager": ["--compile", "false"]}.items():
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16",
+               *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        summaries[name] = json.loads((out / "summary.json").read_text())
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                        if '"loss"' in line]
+    assert summaries["compiled"]["compiled_layers"] == 2 and summaries["eager"]["compiled_layers"] == 0
+    assert len(losses["compiled"]) == 30
+    assert max(abs(a - b) / b for a, b in zip(losses["compiled"], losses["eager"])) < 2e-2, losses
+    assert summaries["compiled"]["eval_loss_after"] == pytest.approx(summaries["eager"]["eval_loss_after"], rel=2e-2)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..compiled_layers import decoder_layers
 from ..factorize import window_generator
 from ..layer import resplit_values
 from ..quant import QuantRosaLinear, quantized_base_params
@@ -45,8 +46,7 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfl
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    blocks = decoder_layers(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules to shard by")
     whole = quantized_base_params(model) or None  # packed 4-bit codes cannot be split into DTensor shards

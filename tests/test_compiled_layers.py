@@ -1,0 +1,52 @@
+"""Compiled decoder layers (rosa-train's fast path) compute what the eager model computes."""
+import copy
+
+import pytest
+import torch
+
+from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
+from rosa_scale.compiled_layers import compile_decoder_layers, decoder_layers
+from rosa_scale.config import ConfigError, TrainConfig
+from tests.tiny import tiny_llama
+
+IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _loss_and_grads(model):
+    for p in adapter_parameters(model):
+        p.grad = None
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in adapter_parameters(model)]
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_across_a_resample():
+    """Inductor on the CPU; through a resample, which rewrites the frozen weights in place (a graph
+    that baked them in as constants would give the old function)."""
+    torch._dynamo.reset()
+    eager = apply_rosa(tiny_llama(), RosaConfig(rank=4))
+    fast = copy.deepcopy(eager)
+    assert compile_decoder_layers(fast, torch.device("cpu")) == len(decoder_layers(fast)) == 2
+    for round_ in range(2):
+        (loss_e, grads_e), (loss_f, grads_f) = _loss_and_grads(eager), _loss_and_grads(fast)
+        torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=0)
+        for g_f, g_e in zip(grads_f, grads_e):
+            torch.testing.assert_close(g_f, g_e, rtol=1e-4, atol=1e-6)
+        with torch.no_grad():
+            for model in (eager, fast):
+                for p in adapter_parameters(model):
+                    p.add_(p.grad, alpha=-0.5)  # one identical SGD step, then the same new windows
+        for model in (eager, fast):
+            resample(model)
+    assert sorted(fast.state_dict()) == sorted(eager.state_dict())  # the checkpoint keys stay the same
+
+
+def test_compile_true_where_it_cannot_is_one_line(monkeypatch):
+    import rosa_scale.compiled_layers as compiled
+
+    with pytest.raises(ConfigError, match="names no decoder-layer class"):
+        compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.device("cpu"))
+    monkeypatch.setattr(compiled, "compile_unavailable", lambda device: "Triton is not installed (pip install triton)")
+    with pytest.raises(ConfigError, match="config key 'compile' is true but Triton is not installed"):
+        compiled.compile_decoder_layers(tiny_llama(), torch.device("cuda"))
+    assert TrainConfig().compile == "auto"
