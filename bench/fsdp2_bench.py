@@ -61,6 +61,10 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gc-every", type=int, default=0,
                    help="automatic garbage collection off; a young-generation collection every N timed steps (0: Python's own)")
+    p.add_argument("--meta-init", action="store_true",
+                   help="rosa mode: build on the meta device, shard, then draw each rank's shards on its GPU "
+                        "(a model larger than one GPU: never whole anywhere)")
+    p.add_argument("--shape", choices=["8b", "70b"], default="8b", help="Llama-3 8B or 70B shape")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer before sharding (rosa-train's default on GPUs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
@@ -69,6 +73,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    if args.shape == "70b":
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 80, 8192, 28672, 64, 8
     if args.tiny:
         args.layers = min(args.layers, 2)
         args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 128, 256, 4, 2, 512
@@ -78,6 +84,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     bad = [m for m in args.modes if m not in modes]
     if bad:
         p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(modes)}")
+    if args.meta_init and args.modes != ["rosa"]:
+        p.error("--meta-init builds the rosa mode only: add --modes rosa")
     if args.gc_every < 0:
         p.error(f"--gc-every {args.gc_every}: must be 0 (off) or a number of steps")
     return args
@@ -128,6 +136,13 @@ def build_model(args, dev: torch.device):
     )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(args.seed)
+    if getattr(args, "meta_init", False):  # parameters on meta, buffers (rotary frequencies) computed
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.config.use_cache = False
+        return model
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
@@ -250,6 +265,8 @@ def setup_rosa(args, dev: torch.device) -> tuple:
     policy = mp_policy(dev)
     prepare_layers(model, args)
     shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
+    if args.meta_init:
+        draw_shards(model, dev, args.seed)
     sync(dev)
     start = time.perf_counter()
     resample(model, index=0)
@@ -258,7 +275,36 @@ def setup_rosa(args, dev: torch.device) -> tuple:
     opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-4)
     config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
               for k, v in dataclasses.asdict(model.rosa_state.config).items()}
-    return model, opt, {"rosa_first_split_s_eigh": first, **config}
+    return model, opt, {"rosa_first_split_s_eigh": first, "host_rss_gib_after_split": all_max([host_rss_gib()], dev)[0],
+                        **config}
+
+
+@torch.no_grad()
+def draw_shards(model, dev: torch.device, seed: int) -> None:
+    """Give a meta-built, sharded model memory for its own shards only and random weights (N(0, 0.02);
+    norms 1; ROSA factors 0 until the first split), drawn shard by shard on this rank's device."""
+    from torch.distributed.tensor import DTensor
+
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=dev)
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
+    gen = torch.Generator(dev).manual_seed(seed + dist.get_rank())
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if name.endswith((".up", ".down")):
+            local.zero_()
+        elif "norm" in name:
+            local.fill_(1.0)
+        else:
+            local.normal_(0.0, 0.02, generator=gen)
+
+
+def host_rss_gib() -> float:
+    """Peak resident memory of this process (Linux ru_maxrss), GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def warm_factorizer(method: str, dev: torch.device) -> None:
@@ -305,7 +351,8 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     if mode == "rosa" and args.methods:
         from rosa_scale import resample
 
-        resample(model, opt)  # warm-up (config method: eigh)
+        model.rosa_state.config.method = args.methods[0]
+        resample(model, opt)  # warm-up, with the first method timed
         sync(dev)
         for method in args.methods:
             result.update(time_resample(model, opt, method, dev))
@@ -358,7 +405,7 @@ def header(args, dev: torch.device) -> dict:
         "seq": args.seq, "batch_per_gpu": args.batch, "rank": args.rank, "layers": args.layers,
         "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "gc_every": args.gc_every, "compile": args.compile, "checkpointing": args.checkpointing,
+        "gc_every": args.gc_every, "shape": args.shape, "meta_init": args.meta_init, "compile": args.compile, "checkpointing": args.checkpointing,
         "loss_chunk": args.loss_chunk,
         "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
