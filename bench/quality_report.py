@@ -30,9 +30,14 @@ QUANT_ROWS = [
     ("qlora", "qlora", None, "NF4 (the same frozen Linear4bit layers)"),
     ("lora", "lora", None, "unquantized, stored fp32, bf16 autocast"),
     ("rosa_bf16_stored", "rosa", quality.BF16_STORED, "unquantized, stored bf16 (w_fixed re-rounded to bf16 at each resample)"),
+    *((f"rosa_nf4_err{fit['quant_error_rank']}", "rosa-nf4", fit,
+       f"NF4, stack started at the rank-{fit['quant_error_rank']} fit of the quantization error")
+      for fit in quality.ERROR_FITS),
 ]
 QUANT_NAMES = {"rosa_nf4": "ROSA, NF4 base", "rosa_bf16": "ROSA, unquantized base", "qlora": "PEFT QLoRA (NF4)",
-               "lora": "PEFT LoRA, unquantized base", "rosa_bf16_stored": "ROSA, bf16-stored base (reference)"}
+               "lora": "PEFT LoRA, unquantized base", "rosa_bf16_stored": "ROSA, bf16-stored base (reference)",
+               **{f"rosa_nf4_err{f['quant_error_rank']}": f"ROSA, NF4 base, quant_error_rank {f['quant_error_rank']}"
+                  for f in quality.ERROR_FITS}}
 # Survival of one merged update of size 1e-2 |W| in the synthetic benches: (file, key, what).
 SURVIVAL_BENCH = {
     "nf4_stack": ("quant-survival-2026-11-30-h200-4096x4096.json", "survival_stack_bf16_nf4_1e-2",
@@ -165,6 +170,13 @@ def quantized_summary(results: dict, bench_dir: Path = RESULTS) -> dict:
         flat["nf4_cost_ppl_rosa"] = nf4 - bf16
         if "ppl_lora_r16" in flat:
             flat["nf4_cost_ppl_lora"] = flat["ppl_qlora_r16"] - flat["ppl_lora_r16"]
+        for fit in quality.ERROR_FITS:  # how much of the NF4 cost the error's low-rank fit takes back
+            k = f"rosa_nf4_err{fit['quant_error_rank']}"
+            if f"ppl_{k}_r16" in flat:
+                flat[f"{k}_minus_bf16"] = flat[f"ppl_{k}_r16"] - bf16
+                flat[f"target_{k}_within_bf16_spread"] = abs(flat[f"ppl_{k}_r16"] - bf16) <= std
+                flat[f"{k}_closes_frac_of_nf4_cost"] = 1 - (flat[f"ppl_{k}_r16"] - bf16) / (nf4 - bf16)
+                flat[f"untrained_val_ppl_{k}"] = math.exp(flat[f"untrained_val_loss_{k}_r16"])
     for name, (file, key, what) in SURVIVAL_BENCH.items():
         path = bench_dir / file
         if path.is_file():
