@@ -63,7 +63,8 @@ class RosaConfig:
     quant_error_rank: int = 0
     """With a quantized base: start each layer's stack with the best rank-k fit of its quantization
     error ``W0 - deq(Q(W0))`` (an SVD of the original weight's error, once), so training starts
-    nearer the unquantized model; costs k(m+n) stack values per matrix. 0: the base as quantized."""
+    nearer the unquantized model; costs k(m+n) stack values per matrix (k capped below the smaller
+    side). 0: the base as quantized."""
     stack_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Storage of the stack of finished windows with a quantized base. bf16 rounds each folded
     update by ~2^-9 of the update itself (its factors are differences); float32 keeps it exactly

@@ -328,7 +328,8 @@ class QuantRosaLinear(RosaLinear):
         if self.stack_up.shape[1]:
             raise RuntimeError("the quantization error is corrected before the first window is folded")
         error = original.to(self.stack_up.device, torch.float32) - dequantize(self.base)
-        _, up, down = split(error, min(rank, *error.shape), method="eigh", sampling="top", overwrite=True)
+        rank = min(rank, min(error.shape) - 1)  # split keeps a rank below the smaller side
+        _, up, down = split(error, rank, method="eigh", sampling="top", overwrite=True)
         self.frozen_peak.add_((up.abs().amax(dim=0) * down.abs().amax(dim=1)).sum())
         self.stack_up = up.to(self.stack_up.dtype)
         self.stack_down = down.to(self.stack_down.dtype)
