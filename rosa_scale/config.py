@@ -116,6 +116,11 @@ class TrainConfig:
     it, keep them <= ~1.3x the rate. rosa-train's optimizer holds the factors alone (exact restart)."""
     resample_every: Union[int, Literal["epoch"], None] = 16
     """Optimizer steps between resamples, 'epoch', or null for never."""
+    resample_stagger: int = 1
+    """Spread each resample over this many consecutive steps, each resplitting a group of the
+    matrices of about equal cost (``resample.resample_parts``), so no step waits for the whole
+    resample; every matrix still gets a new window every resample_every steps. 1: all at once.
+    Under DeepSpeed ZeRO-3 a partial reset zeroes the moments but keeps its group's step count."""
     reset_optimizer: bool = True
     """Clear the optimizer state of the factors at each resample (their meaning changed)."""
     eval_every: Union[int, None] = None
@@ -258,6 +263,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'epochs' must be > 0, got {cfg.epochs}")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"config key 'eval_fraction' must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.resample_stagger < 1:
+        raise ConfigError(f"config key 'resample_stagger' must be >= 1, got {cfg.resample_stagger}")
+    if isinstance(cfg.resample_every, int) and cfg.resample_stagger > cfg.resample_every:
+        raise ConfigError(f"config key 'resample_stagger' ({cfg.resample_stagger}) must be at most "
+                          f"resample_every ({cfg.resample_every})")
     for key in ("warmup_steps", "rewarm_steps", "max_skipped_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")

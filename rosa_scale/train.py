@@ -105,7 +105,20 @@ def evaluate(model, loader, accelerator, module=None, chunk_tokens: int | None =
 
 
 def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
-    return steps_per_epoch if cfg.resample_every == "epoch" else cfg.resample_every
+    every = steps_per_epoch if cfg.resample_every == "epoch" else cfg.resample_every
+    if every and cfg.resample_stagger > every:
+        raise ConfigError(f"config key 'resample_stagger' ({cfg.resample_stagger}) must be at most the "
+                          f"{every} steps between resamples")
+    return every
+
+
+def _resample_part(step: int, every: int | None, parts: int, total: int) -> int | None:
+    """Which part of a resample spread over ``parts`` steps runs after ``step`` (None: none). A
+    resample starts at each multiple of ``every`` whose last part still comes before ``total``."""
+    if not every or step < every:
+        return None
+    part = step % every
+    return part if part < parts and step - part + parts - 1 < total else None
 
 
 def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
@@ -379,7 +392,9 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         f"{cfg.mixed_precision if cfg.mixed_precision != 'no' else cfg.model_dtype}; "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {cfg.block_size} tokens; "
         f"trainable {trainable:,} of {everything:,} params ({100 * trainable / everything:.2f}%); "
-        f"{total} steps, resample every {every or 'never'}{f'; {compiled} layers compiled' if compiled else ''}")
+        f"{total} steps, resample every {every or 'never'}"
+        f"{f' (over {cfg.resample_stagger} steps)' if every and cfg.resample_stagger > 1 else ''}"
+        f"{f'; {compiled} layers compiled' if compiled else ''}")
     if overridden:
         say(f"rosa-train: resuming with new values of {', '.join(overridden)} (resume_override)")
 
@@ -490,9 +505,14 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                 record.update(loss=mean_loss, lr=lr, tokens_per_s=tokens * accelerator.num_processes / elapsed)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
                 losses, tokens, clock = [], 0, time.perf_counter()
-            if every and step % every == 0 and step < total:
-                record["resample_s"] = resample(model, optimizer if cfg.reset_optimizer else None)
-                resamples += 1
+            part = _resample_part(step, every, cfg.resample_stagger, total)
+            if part is not None:
+                stagger = (part, cfg.resample_stagger) if cfg.resample_stagger > 1 else None
+                record["resample_s"] = resample(model, optimizer if cfg.reset_optimizer else None, part=stagger)
+                if stagger:
+                    record["resample_part"] = part + 1
+                if part == cfg.resample_stagger - 1:
+                    resamples += 1
                 clock = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 record["eval_loss"] = evaluate(model, eval_loader, accelerator, module, cfg.loss_chunk_tokens)
