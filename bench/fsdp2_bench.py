@@ -65,6 +65,12 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
                    help="rosa mode: build on the meta device, shard, then draw each rank's shards on its GPU "
                         "(a model larger than one GPU: never whole anywhere)")
     p.add_argument("--shape", choices=["8b", "70b"], default="8b", help="Llama-3 8B or 70B shape")
+    p.add_argument("--run-steps", type=int, default=0,
+                   help="rosa mode, after the timings: this many steps with rosa-train's resample schedule, each "
+                        "step timed (resamples included): the overhead and the longest step")
+    p.add_argument("--resample-every", type=int, default=200, help="the schedule of --run-steps")
+    p.add_argument("--stagger", type=int, default=1, help="spread each resample of --run-steps over N steps")
+    p.add_argument("--run-method", default="qr", help="factorizer of --run-steps' resamples")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer before sharding (rosa-train's default on GPUs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
@@ -359,6 +365,42 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
             extras = [result[f"resample_extra_gib_{m}"] for m in args.methods if f"resample_extra_gib_{m}" in result]
             result["resample_extra_gib"] = None if None in extras else max(extras)
             write(result, args.out)
+    if mode == "rosa" and args.run_steps:
+        result.update(run_with_resamples(model, opt, args, dev))
+        write(result, args.out)
+
+
+def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
+    """``args.run_steps`` steps, resampling as rosa-train does (every ``args.resample_every`` steps, spread
+    over ``args.stagger``); each step's seconds include its resample part. Overhead: resample seconds
+    over the seconds of the plain steps; the longest step against the median."""
+    from rosa_scale import resample
+    from rosa_scale.schedule import resample_part
+
+    model.rosa_state.config.method = args.run_method
+    ids = make_batch(args, dev)
+    times, resampling = [], []
+    for step in range(1, args.run_steps + 1):
+        sync(dev)
+        start = time.perf_counter()
+        train_step(model, opt, ids, args.loss_chunk)
+        part = resample_part(step, args.resample_every, args.stagger, args.run_steps + 1)
+        if part is not None:
+            resample(model, opt, part=(part, args.stagger) if args.stagger > 1 else None)
+        sync(dev)
+        times.append(time.perf_counter() - start)
+        if part is not None:
+            resampling.append(step)
+    times = all_max(times, dev)
+    plain = [t for i, t in enumerate(times, 1) if i not in resampling]
+    median = statistics.median(plain)
+    extra = sum(times[i - 1] - median for i in resampling)
+    log(f"run of {args.run_steps} steps, resample every {args.resample_every} over {args.stagger} ({args.run_method}): "
+        f"median {median * 1e3:.1f} ms, longest {max(times) / median:.2f}x, overhead {extra / sum(plain):.2%}")
+    return {"run_step_s_each": [round(t, 4) for t in times], "run_resample_steps": resampling,
+            "run_median_step_s": median, "run_max_step_over_median": max(times) / median,
+            "run_resample_overhead_frac": extra / sum(plain), "run_resample_every": args.resample_every,
+            "run_stagger": args.stagger, "run_method": args.run_method}
 
 
 def free_memory(dev: torch.device) -> None:

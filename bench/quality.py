@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
 ROSA_DEFAULTS = {"factorizer": "svd", "sampling": "random", "resample_every": 100, "reset_optimizer": True,
-                 "rewarm_steps": 0, "model_dtype": "float32", "fixed_dtype": "model"}
+                 "rewarm_steps": 0, "model_dtype": "float32", "fixed_dtype": "model", "resample_stagger": 1}
 LR_GRID = {"full": [1e-5, 3e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3], "rosa": [3e-4, 1e-3, 3e-3]}
 # A sweep whose best rate is at an edge of what it tried goes one rung further along this ladder.
 LR_LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
@@ -52,6 +51,9 @@ PROBES = [(("stdlib", "rosa", 64), a)
 QUANTIZED = {"rosa-nf4": "rosa", "qlora": "lora"}
 QUANT_CELLS = [("austen", "rosa-nf4", 16), ("austen", "qlora", 16)]
 QUANT_SEEDS = (0, 1, 2)
+# Issue #17's cheap resample (qr, spread over 8 steps, what the shipped 8B configs use) against the
+# default, 3 seeds at ROSA r=16's rate; with qr alone (seed 0 is the factorizer ablation) to tell them apart.
+PERF_CHECKS = [({"factorizer": "qr", "resample_stagger": 8}, (0, 1, 2)), ({"factorizer": "qr"}, (1, 2))]
 # ROSA over NF4 with the stack started at the rank-k fit of each layer's quantization error
 # (RosaConfig.quant_error_rank): how much of the gap to ROSA over a bf16 base it closes.
 ERROR_FITS = ({"quant_error_rank": 16}, {"quant_error_rank": 64})
@@ -217,7 +219,7 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
     import torch
 
     from rosa_scale import resample
-    from rosa_scale.schedule import lr_factor
+    from rosa_scale.schedule import lr_factor, resample_part
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -252,7 +254,12 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
         perm, pos, losses = torch.randperm(len(train), generator=order), 0, []
         train_start = time.perf_counter()
         for step in range(steps):
-            if resampled and every and step and step % every == 0:
+            parts = opts["resample_stagger"]
+            part = resample_part(step, every, parts, steps) if resampled else None
+            if part is not None and parts > 1:  # spread: training steps between the parts, no survival measure
+                result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None, part=(part, parts))
+                result["resamples"] += part == parts - 1
+            elif part is not None:
                 before = _effective_weights(model)
                 result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None)
                 result["resamples"] += 1
@@ -390,6 +397,15 @@ def quantized_specs(results: dict[str, dict]) -> list[dict]:
     return specs
 
 
+def perf_specs(results: dict[str, dict]) -> list[dict]:
+    """Issue #17: ``PERF_CHECKS`` at ROSA r=16's rate on Austen, once its sweep is settled."""
+    lr = best_lr(results, "austen", "rosa", 16)
+    if lr is None or not sweep_settled(results, "austen", "rosa", 16):
+        return []
+    return [{"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": s, "ablation": a}
+            for a, seeds in PERF_CHECKS for s in seeds]
+
+
 def plan(phase: str, results: dict[str, dict], only: str | None = None) -> list[dict]:
     """The runs a phase wants given the results so far: ``sweep`` (grid + edge rungs), ``final``,
     ``all`` (the sweep, plus the final runs of every cell whose sweep is settled) or ``quantized``
@@ -401,6 +417,8 @@ def plan(phase: str, results: dict[str, dict], only: str | None = None) -> list[
         specs += final_specs(results, settled_only=True)
     if phase in ("quantized", "list"):
         specs += quantized_specs(results)
+    if phase in ("perf", "list"):
+        specs += perf_specs(results)
     if only:
         specs = [s for s in specs if any(part in run_id(s) for part in only.split(","))]
     return specs
@@ -468,7 +486,7 @@ def _pin(gpu: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["sweep", "final", "all", "quantized", "list"])
+    parser.add_argument("phase", choices=["sweep", "final", "all", "quantized", "perf", "list"])
     parser.add_argument("--data", required=True, help="token file from bench/quality_data.py")
     parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct Hugging Face folder")
     parser.add_argument("--runs", required=True, help="folder of per-run JSON results")

@@ -21,3 +21,12 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
         if step >= resample_every and since_resample < rewarm_steps:
             factor *= (since_resample + 1) / (rewarm_steps + 1)
     return factor
+
+
+def resample_part(step: int, every: int | None, parts: int, total: int) -> int | None:
+    """Which part of a resample spread over ``parts`` steps runs after ``step`` (None: none). A
+    resample starts at each multiple of ``every`` whose last part still comes before ``total``."""
+    if not every or step < every:
+        return None
+    part = step % every
+    return part if part < parts and step - part + parts - 1 < total else None

@@ -43,7 +43,7 @@ from .quant import QuantRosaLinear, parameter_count, quant_type_of
 from .quant_loading import OriginalWeights, is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
-from .schedule import lr_factor
+from .schedule import lr_factor, resample_part
 from .sharded_loading import can_stream, empty_model, fill
 
 # Config, data and model errors subclass ValueError, as do invalid ROSA settings for a model
@@ -110,15 +110,6 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
         raise ConfigError(f"config key 'resample_stagger' ({cfg.resample_stagger}) must be at most the "
                           f"{every} steps between resamples")
     return every
-
-
-def _resample_part(step: int, every: int | None, parts: int, total: int) -> int | None:
-    """Which part of a resample spread over ``parts`` steps runs after ``step`` (None: none). A
-    resample starts at each multiple of ``every`` whose last part still comes before ``total``."""
-    if not every or step < every:
-        return None
-    part = step % every
-    return part if part < parts and step - part + parts - 1 < total else None
 
 
 def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
@@ -505,7 +496,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
                 record.update(loss=mean_loss, lr=lr, tokens_per_s=tokens * accelerator.num_processes / elapsed)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
                 losses, tokens, clock = [], 0, time.perf_counter()
-            part = _resample_part(step, every, cfg.resample_stagger, total)
+            part = resample_part(step, every, cfg.resample_stagger, total)
             if part is not None:
                 stagger = (part, cfg.resample_stagger) if cfg.resample_stagger > 1 else None
                 record["resample_s"] = resample(model, optimizer if cfg.reset_optimizer else None, part=stagger)

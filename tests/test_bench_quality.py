@@ -244,3 +244,17 @@ def test_quantized_report_compares_each_nf4_row_with_its_unquantized_counterpart
     assert "| ROSA, NF4 base |" in text and "25.10 ± 0.00" in text and "beats PEFT QLoRA: **yes**" in text
     flat_old, _ = quality_report.summarize(results)  # the study's own report: seed 0 of the bf16 ablation only
     assert flat_old["ablation_model_dtype=bfloat16_ppl"] == 25.3
+
+
+def test_a_resample_spread_over_steps_trains_and_the_perf_phase_plans_its_checks(setup):
+    spec = {"corpus": "austen", "method": "rosa", "rank": 4, "lr": 1e-2, "seed": 0,
+            "ablation": {"resample_every": 5, "resample_stagger": 2, "factorizer": "qr"}}
+    r = _train(setup, spec)
+    assert r["finite"] and r["resamples"] == 2 and r["survival"] == []  # parts after steps 5, 6 and 10, 11
+    assert r["curve"][-1][1] < r["curve"][0][1] - 0.1
+    specs = [({"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": 0}, v)
+             for lr, v in ((3e-4, 3.2), (1e-3, 3.1), (3e-3, 3.3))]
+    results = {quality.run_id(sp): {"spec": sp, "val_loss": v, "finite": True} for sp, v in specs}
+    ids = {quality.run_id(s) for s in quality.plan("perf", results)}
+    assert ids == {*(f"austen_rosa-r16_lr0.001_s{s}_factorizer=qr_resample_stagger=8" for s in range(3)),
+                   "austen_rosa-r16_lr0.001_s1_factorizer=qr", "austen_rosa-r16_lr0.001_s2_factorizer=qr"}

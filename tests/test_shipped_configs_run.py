@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 def _shrunk(config, model_dir, data, out):
     return ["--config", str(ROOT / config), "--model", str(model_dir), "--dataset", str(data["train"]),
             "--eval-dataset", str(data["eval"]), "--block-size", "32", "--batch-size", "2", "--grad-accum", "2",
-            "--max-steps", "4", "--warmup-steps", "1", "--resample-every", "2", "--eval-every", "2",
-            "--save-every", "2", "--max-train-blocks", "64", "--max-eval-blocks", "4", "--output-dir", str(out)]
+            "--max-steps", "4", "--warmup-steps", "1", "--resample-every", "2", "--resample-stagger", "2",
+            "--eval-every", "2", "--save-every", "2", "--max-train-blocks", "64", "--max-eval-blocks", "4", "--output-dir", str(out)]
 
 
 def _check(out, engine, proc):

@@ -1,0 +1,118 @@
+"""Issue #17's flat keys, a markdown table and two plots from fsdp2_bench runs of one session.
+
+    python3 bench/perf_report.py --prefix bench/results/perf-2026-11-30
+
+reads ``<prefix>-{1gpu,2gpu}-compiled.json`` (frozen, ROSA and PEFT LoRA, each decoder layer compiled),
+``<prefix>-{1gpu,2gpu}-peft-eager.json`` (PEFT LoRA as its users run it), ``<prefix>-2gpu-rosa-ckpt.json``
+(checkpointing + chunked loss), ``<prefix>-2gpu-run-stagger.json`` (a run with the resample schedule)
+and ``<prefix>-70b-2gpu.json``; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
+number is read from those files; the ratios pair runs of one machine and call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_compiled": 1.1,
+           "resample_overhead_frac_2gpu": 0.03, "max_step_over_median_2gpu": 2.0, "peak_gib_8b_ckpt_2gpu": 14.0}
+
+
+def load(prefix: str, name: str) -> dict:
+    path = Path(f"{prefix}-{name}.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summarize(prefix: str) -> dict:
+    flat = {}
+    for gpus in (1, 2):
+        fast, eager = load(prefix, f"{gpus}gpu-compiled"), load(prefix, f"{gpus}gpu-peft-eager")
+        if not fast:
+            continue
+        rosa = fast["rosa_tok_s_per_gpu"]
+        flat.update({f"tok_s_frozen_compiled_{gpus}gpu": fast["frozen_tok_s_per_gpu"],
+                     f"tok_s_rosa_compiled_{gpus}gpu": rosa,
+                     f"tok_s_peft_compiled_{gpus}gpu": fast["peft_lora_tok_s_per_gpu"],
+                     f"rosa_over_frozen_{gpus}gpu": rosa / fast["frozen_tok_s_per_gpu"],
+                     f"rosa_over_peft_compiled_{gpus}gpu": rosa / fast["peft_lora_tok_s_per_gpu"],
+                     f"peak_gib_rosa_compiled_{gpus}gpu": fast["rosa_peak_gib"]})
+        if eager:
+            flat[f"tok_s_peft_eager_{gpus}gpu"] = eager["peft_lora_tok_s_per_gpu"]
+            flat[f"rosa_over_peft_{gpus}gpu"] = rosa / eager["peft_lora_tok_s_per_gpu"]
+        for method in ("eigh", "qr"):
+            if f"resample_s_{method}" in fast:
+                flat[f"resample_s_{method}_{gpus}gpu"] = fast[f"resample_s_{method}"]
+        if gpus == 2 and "resample_s_eigh" in fast:  # one resample at once every 200 steps (the former default)
+            flat["resample_overhead_frac_2gpu_eigh_at_once"] = fast["resample_s_eigh"] / (200 * fast["rosa_step_s"])
+            flat["max_step_over_median_2gpu_eigh_at_once"] = 1 + fast["resample_s_eigh"] / fast["rosa_step_s"]
+    run = load(prefix, "2gpu-run-stagger")
+    if run:
+        times, median, marked = run["run_step_s_each"], run["run_median_step_s"], run["run_resample_steps"]
+        flat.update({"resample_overhead_frac_2gpu": run["run_resample_overhead_frac"],
+                     "max_step_over_median_2gpu": run["run_max_step_over_median"],
+                     "max_resample_step_over_median_2gpu": max(times[s - 1] for s in marked) / median,
+                     "run_schedule_2gpu": f"every {run['run_resample_every']} steps, {run['run_method']}, spread over "
+                                          f"{run['run_stagger']} steps, {len(times)} steps"})
+    ckpt = load(prefix, "2gpu-rosa-ckpt")
+    if ckpt:
+        flat.update(peak_gib_8b_ckpt_2gpu=ckpt["rosa_peak_gib"], tok_s_8b_ckpt_2gpu=ckpt["rosa_tok_s_per_gpu"])
+    big = load(prefix, "70b-2gpu")
+    if big:
+        flat.update(llama70b_peak_gib_per_gpu=big["rosa_peak_gib"], llama70b_tok_s_per_gpu=big["rosa_tok_s_per_gpu"],
+                    llama70b_resample_s=big["rosa_first_split_s_eigh"], llama70b_resample_s_qr=big.get("resample_s_qr"),
+                    llama70b_host_rss_gib_per_rank=big["host_rss_gib_after_split"])
+    for key, target in TARGETS.items():
+        for name in [k for k in flat if k == key or (k.startswith(key + "_") and k[len(key) + 1:] in ("1gpu", "2gpu"))]:
+            low_is_good = key.startswith(("resample", "max_step", "peak"))
+            flat[f"target_met_{name}"] = flat[name] <= target if low_is_good else flat[name] >= target
+    return flat
+
+
+def plot(prefix: str, flat: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("frozen base, compiled", "frozen_compiled"), ("ROSA, compiled (rosa-train default)", "rosa_compiled"),
+            ("PEFT LoRA, compiled", "peft_compiled"), ("PEFT LoRA, its defaults", "peft_eager")]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (label, key) in enumerate(rows):
+        values = [flat.get(f"tok_s_{key}_{g}gpu", 0) for g in (1, 2)]
+        ax.bar([g + (i - 1.5) * 0.2 for g in (0, 1)], values, 0.2, label=label)
+    ax.set_xticks([0, 1], ["1 H200", "2 H200 (FSDP2)"])
+    ax.set_ylabel("tokens/s per GPU")
+    ax.set_title("Llama-3-8B shape, B=2, S=2048, r=16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{prefix}-speed.png", dpi=120)
+    run = load(prefix, "2gpu-run-stagger")
+    if run:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        times = [t * 1e3 for t in run["run_step_s_each"]]
+        ax.plot(range(1, len(times) + 1), times, lw=0.8, label="step")
+        ax.scatter(run["run_resample_steps"], [times[s - 1] for s in run["run_resample_steps"]], s=10, color="red",
+                   label=f"step with 1/{run['run_stagger']} of a resample ({run['run_method']})")
+        ax.axhline(2e3 * run["run_median_step_s"], color="gray", ls=":", label="2x median")
+        ax.set_xlabel("step")
+        ax.set_ylabel("ms")
+        ax.set_title("ROSA on 2 H200s, resample every 200 steps spread over 8")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{prefix}-steps.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefix", required=True, help="e.g. bench/results/perf-2026-11-30")
+    args = parser.parse_args()
+    flat = summarize(args.prefix)
+    if not flat:
+        raise SystemExit(f"perf_report: no fsdp2_bench results at {args.prefix}-*.json")
+    Path(f"{args.prefix}.json").write_text(json.dumps(flat, indent=1) + "\n")
+    plot(args.prefix, flat)
+    print(json.dumps(flat, indent=1))
+
+
+if __name__ == "__main__":
+    main()
