@@ -170,7 +170,7 @@ def check_chunkable(module: nn.Module) -> None:
 
 
 def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int,
-                        per_sequence: bool = False) -> torch.Tensor:
+                        per_sequence: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The chunked loss of ``input_ids`` predicting themselves, computed inside ``model``'s own forward.
 
     ``model`` is what a run calls (a DDP, FSDP2 or DeepSpeed wrapper, or ``module`` itself), ``module``
@@ -178,17 +178,18 @@ def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Te
     computes the loss there (``frozen_head_loss``), while the wrapper has the LM head's weight whole
     (FSDP2's root; ZeRO-3's is gathered for it) and its gradient hooks armed; the model itself computes
     logits for the last position only (``logits_to_keep=1``). Returns the mean loss, or with ``per_sequence`` one mean per sequence (no
-    gradient: evaluation)."""
+    gradient: evaluation). ``labels`` (default: the input ids) may hold -100 where nothing is learned."""
     check_chunkable(module)
     head, box = module.get_output_embeddings(), {}
+    labels = input_ids if labels is None else labels
 
     def hook(_decoder, _args, output):
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         if per_sequence:
             box["loss"] = torch.stack([frozen_head_loss(h[None], head, y[None], chunk_tokens=chunk_tokens)
-                                       for h, y in zip(hidden, input_ids)])
+                                       for h, y in zip(hidden, labels)])
         else:
-            box["loss"] = frozen_head_loss(hidden, head, input_ids, chunk_tokens=chunk_tokens)
+            box["loss"] = frozen_head_loss(hidden, head, labels, chunk_tokens=chunk_tokens)
 
     handle = module.get_decoder().register_forward_hook(hook)
     try:

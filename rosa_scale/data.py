@@ -18,6 +18,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from .chat_data import data_format, to_blocks
 from .data_checks import READ_ERRORS, DataError, check_text, find_bad_file, first_line, positions
 
 __all__ = ["DataError", "build_datasets", "check_text", "load_documents", "pack", "train_eval_split"]
@@ -171,10 +172,15 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
     train_docs = load_documents(cfg.dataset, cfg.dataset_config)
     eval_docs = load_documents(cfg.eval_dataset) if cfg.eval_dataset else None
     for spec, docs in ((cfg.dataset, train_docs), (cfg.eval_dataset, eval_docs)):
-        if isinstance(docs, Dataset):
+        if isinstance(docs, Dataset) and data_format(docs) == "text":
             check_text(docs, cfg.text_field, spec, _file_locator(spec))
     train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed, source=cfg.dataset)
+    held_source = cfg.eval_dataset or f"the held-out part of {cfg.dataset}"
+    if data_format(train_docs) != "text":  # chat or instruction data: one example per block, answers learned
+        if data_format(eval_docs) != data_format(train_docs):
+            raise DataError(f"{held_source} is not {data_format(train_docs)} data like {cfg.dataset}")
+        return (to_blocks(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset),
+                to_blocks(eval_docs, tokenizer, cfg.block_size, cfg.max_eval_blocks, source=held_source))
     train = pack(train_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset)
-    held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks,
-                source=cfg.eval_dataset or f"the held-out part of {cfg.dataset}")
+    held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks, source=held_source)
     return train, held

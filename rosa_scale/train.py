@@ -91,12 +91,14 @@ def evaluate(model, loader, accelerator, module=None, chunk_tokens: int | None =
     total, count = 0.0, 0
     for batch in loader:
         ids = batch["input_ids"]
+        labels = batch.get("labels", ids)  # chat data: -100 outside the answers
         if chunk_tokens:
-            nll = loss_inside_forward(model, module, ids, chunk_tokens=chunk_tokens, per_sequence=True)
+            nll = loss_inside_forward(model, module, ids, chunk_tokens=chunk_tokens, per_sequence=True, labels=labels)
         else:
             logits = model(input_ids=ids).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-            nll = nll.view(ids.shape[0], -1).mean(1)
+            target = labels[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            nll = nll.view(ids.shape[0], -1).sum(1) / (target != -100).sum(1).clamp(min=1)
         nll = accelerator.gather_for_metrics(nll)
         total += nll.double().sum().item()
         count += nll.numel()
@@ -450,10 +452,11 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             batches += 1
             with accelerator.accumulate(model):
                 ids = batch["input_ids"]
+                labels = batch.get("labels", ids)  # chat data: -100 outside the answers
                 if cfg.loss_chunk_tokens:
-                    loss = loss_inside_forward(model, module, ids, chunk_tokens=cfg.loss_chunk_tokens)
+                    loss = loss_inside_forward(model, module, ids, chunk_tokens=cfg.loss_chunk_tokens, labels=labels)
                 else:
-                    loss = model(input_ids=ids, labels=ids).loss
+                    loss = model(input_ids=ids, labels=labels).loss
                 loss_bad = nonfinite(loss) if loss_bad is None else loss_bad | nonfinite(loss)
                 if deepspeed:  # DeepSpeed updates inside backward: decide before it
                     stop, bad_loss = agree(accelerator.device, watch.requested, loss_bad)
