@@ -16,7 +16,7 @@ from .config import ConfigError, TrainConfig, cli_fields, to_dict
 # Keys that never change what is trained.
 HARMLESS = {"eval_every", "max_eval_blocks", "log_every", "save_every", "keep_last", "output_dir", "resume",
             "save_merged", "overwrite_output_dir", "resume_override", "max_skipped_steps",
-            "gradient_checkpointing", "zero3_leaf_layers", "loss_chunk_tokens"}
+            "gradient_checkpointing", "zero3_leaf_layers", "loss_chunk_tokens", "report_to"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -34,9 +34,11 @@ def _keep_through(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: str | Path, enabled: bool = True, resumed_at: int | None = None):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, resumed_at: int | None = None,
+                 tensorboard: bool = True, forward=None):
+        """``forward(values, step=)`` also receives each record's finite numbers (``Accelerator.log``)."""
         self.enabled = enabled
-        self._tb = None
+        self._tb, self._forward = None, forward
         if not enabled:
             return
         out = Path(output_dir)
@@ -47,6 +49,8 @@ class MetricsWriter:
         else:
             _keep_through(self.path, resumed_at)
             self._file = self.path.open("a", encoding="utf-8")
+        if not tensorboard:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,10 +64,13 @@ class MetricsWriter:
         record = {"step": step, "time": round(time.time(), 3), **{k: _finite(v) for k, v in values.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        numbers = {k: v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        if self._forward is not None and numbers:
+            self._forward(numbers, step=step)
 
     def close(self) -> None:
         if not self.enabled:

@@ -45,6 +45,7 @@ from .run_lock import OutputDirBusy, OutputDirLock
 from .resample import resample
 from .schedule import lr_factor, resample_part
 from .sharded_loading import can_stream, empty_model, fill
+from .trackers import check_installed, flat_config, tracker_names
 
 # Config, data and model errors subclass ValueError, as do invalid ROSA settings for a model
 # (rank too large, unknown target module). ROSA_SCALE_DEBUG=1 shows the traceback instead.
@@ -267,9 +268,12 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
     # A collective that waits longer than ROSA_DIST_TIMEOUT seconds (a dead node) ends the run.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("ROSA_DIST_TIMEOUT", "1800"))))
+    trackers = tracker_names(cfg.report_to)
+    check_installed(trackers)
+    others = [t for t in trackers if t != "tensorboard"]  # TensorBoard is MetricsWriter's own
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=[timeout])
+                              kwargs_handlers=[timeout], log_with=others or None, project_dir=cfg.output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # accelerate would silently train unconnected copies
         raise ConfigError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
@@ -391,8 +395,11 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if overridden:
         say(f"rosa-train: resuming with new values of {', '.join(overridden)} (resume_override)")
 
+    if others:
+        accelerator.init_trackers("rosa-train", config=flat_config(to_dict(cfg)))
     metrics = MetricsWriter(out, enabled=accelerator.is_main_process,
-                            resumed_at=None if resume_from is None else start_step)
+                            resumed_at=None if resume_from is None else start_step,
+                            tensorboard="tensorboard" in trackers, forward=accelerator.log if others else None)
     held.append(metrics)
     if resume_from is None:
         eval_before = evaluate(model, eval_loader, accelerator, module, cfg.loss_chunk_tokens)
