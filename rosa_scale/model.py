@@ -59,7 +59,8 @@ def find_target_modules(model: nn.Module, config: RosaConfig) -> list[str]:
     target = config.target_modules
     if target == "all-linear":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n in linear if modules[n] is not head]
+        names = [n for n in linear if modules[n] is not head and not _is_router(model, modules[n])]
+        _say_what_stays_frozen(model, modules, linear, names, head)
     elif isinstance(target, str):
         try:
             pattern = re.compile(target)
@@ -74,7 +75,10 @@ def find_target_modules(model: nn.Module, config: RosaConfig) -> list[str]:
                 raise ValueError(f"target module {key!r} not found in {kind} (linear layers are named like: {examples})")
             bad = [n for n in modules if _matches(n, key) and not is_linear(modules[n])]
             if bad:
-                raise ValueError(f"target module {bad[0]!r} is a {type(modules[bad[0]]).__name__}, not a linear layer")
+                experts = " (mixture-of-experts weights stored as one tensor per layer cannot be adapted)" \
+                    if _holds_experts(modules[bad[0]]) else ""
+                raise ValueError(f"target module {bad[0]!r} is a {type(modules[bad[0]]).__name__}, not a linear "
+                                 f"layer{experts}")
         names = [n for n in linear if any(_matches(n, key) for key in target)]
     names = [n for n in names if not any(_matches(n, key) for key in config.exclude_modules)]
     if not names:
@@ -85,6 +89,37 @@ def find_target_modules(model: nn.Module, config: RosaConfig) -> list[str]:
             raise ValueError(f"target module {n!r} shares its weight with another module (tied embeddings); "
                              "ROSA cannot split a shared weight: exclude it")
     return names
+
+
+def _experts(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                 if isinstance(getattr(config, k, None), int)), None)
+
+
+def _is_router(model: nn.Module, layer: nn.Module) -> bool:
+    """A mixture-of-experts router or gate: a linear layer out to one score per expert, or to one
+    scalar. Too narrow for any window, and not what fine-tuning should move."""
+    experts = _experts(model)
+    return experts is not None and linear_shape(layer)[0] in (1, experts)
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    """Expert weights kept as 3-D tensors (transformers' fused MoE blocks), which ROSA cannot split."""
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def _say_what_stays_frozen(model, modules: dict, linear: list[str], names: list[str], head) -> None:
+    """all-linear on a mixture-of-experts model: name what is not adapted, once, as a warning."""
+    import warnings
+
+    routers = [n for n in linear if n not in names and modules[n] is not head]
+    experts = [n for n, m in modules.items() if _holds_experts(m)]
+    if experts:
+        warnings.warn(f"{len(experts)} mixture-of-experts blocks (e.g. {experts[0]}) hold their weights as 3-D "
+                      "tensors and stay frozen: ROSA adapts linear layers (attention, shared experts)", stacklevel=3)
+    if routers:
+        warnings.warn(f"{len(routers)} router/gate layers (e.g. {routers[0]}) stay frozen", stacklevel=3)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
