@@ -582,10 +582,38 @@ def _exp(loss: float) -> float:
         return math.inf
 
 
+def _dry_run(argv: list[str]) -> int:
+    """``--dry-run [--processes N] [--gpu-memory-gib G]``: the plan of the run the other options describe,
+    from the model's config alone (``rosa_scale.memory_plan``); nothing is trained or written."""
+    from .memory_plan import dry_run
+
+    argv.remove("--dry-run")
+    values = {"--processes": "1", "--gpu-memory-gib": "80"}
+    for flag in values:
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a value")
+            values[flag] = argv.pop(i + 1)
+            argv.pop(i)
+    try:
+        processes, gpu_gib = int(values["--processes"]), float(values["--gpu-memory-gib"])
+    except ValueError:
+        raise ConfigError(f"--processes takes an integer and --gpu-memory-gib a number, got {values['--processes']!r} "
+                          f"and {values['--gpu-memory-gib']!r}") from None
+    if processes < 1 or gpu_gib <= 0:
+        raise ConfigError("--processes must be >= 1 and --gpu-memory-gib > 0")
+    print(dry_run(parse_config(argv), processes, gpu_gib))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = "rosa-train"
     launcher_link.register()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--dry-run" in argv:
+            return _dry_run(argv)
         cfg = parse_config(argv)
         if train(cfg).get("preempted"):
             launcher_link.mark_resumable()

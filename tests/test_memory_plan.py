@@ -1,0 +1,61 @@
+"""rosa-train --dry-run: the memory estimate against the peaks measured on H200s (committed results),
+and the plan printed from a model folder's config without training or writing anything."""
+import json
+from pathlib import Path
+
+import pytest
+
+from rosa_scale.config import load_config
+from rosa_scale.memory_plan import estimate, meta_model
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+          "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (result file, its peak key, shape, processes, compiled, config values of the measured run)
+MEASURED = [
+    ("fsdp2-2026-11-28-1gpu.json", "rosa_peak_gib", "8b", 1, False, {}),
+    ("fsdp2-2026-11-28-2gpu.json", "rosa_peak_gib", "8b", 2, False, {}),
+    ("perf-2026-11-30-1gpu-compiled.json", "rosa_peak_gib", "8b", 1, True, {}),
+    ("perf-2026-11-30-2gpu-compiled.json", "rosa_peak_gib", "8b", 2, True, {}),
+    ("perf-2026-11-30-2gpu-rosa-ckpt.json", "rosa_peak_gib", "8b", 2, True,
+     {"gradient_checkpointing": True, "loss_chunk_tokens": 1024}),
+    ("perf-2026-11-30-70b-2gpu.json", "rosa_peak_gib", "70b", 2, True,
+     {"gradient_checkpointing": True, "loss_chunk_tokens": 1024, "batch_size": 1}),
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    out = {}
+    for name, shape in SHAPES.items():
+        out[name] = tmp_path_factory.mktemp(name)
+        LlamaConfig(**shape, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                    tie_word_embeddings=False).save_pretrained(out[name])
+    return out
+
+
+@pytest.mark.parametrize("file,key,shape,processes,compiled,values", MEASURED, ids=[m[0] for m in MEASURED])
+def test_estimate_is_within_15_percent_of_the_measured_peak(folders, file, key, shape, processes, compiled, values):
+    run = json.loads((RESULTS / file).read_text())
+    assert run["rank"] == 16 and run["seq"] == 2048 and run["batch_per_gpu"] == values.get("batch_size", 2)
+    cfg = load_config(overrides={"model": str(folders[shape]), "model_dtype": "bfloat16", "mixed_precision": "bf16",
+                                 "fsdp": True, "batch_size": 2, "block_size": 2048,
+                                 "rosa": {"rank": 16, "target_modules": TARGETS}, **values})
+    plan = estimate(meta_model(str(folders[shape]), "bfloat16"), cfg, processes, compiled=compiled)
+    assert abs(plan.peak_gib / run[key] - 1) <= 0.15, (plan.parts, run[key])
+
+
+def test_dry_run_prints_the_plan_and_what_to_change(tiny_model_dir, tmp_path, capsys):
+    from rosa_scale.train import main
+
+    out = tmp_path / "never"
+    assert main(["--dry-run", "--model", str(tiny_model_dir), "--rosa.rank", "4", "--batch-size", "8",
+                 "--processes", "2", "--gpu-memory-gib", "0.001", "--fsdp", "true", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ROSA on 14 layers" in text and "rank 0:" in text and "rank 1:" in text
+    assert "does NOT fit" in text and "gradient_checkpointing: true" in text and "batch_size: 4 with grad_accum: 2" in text
+    assert not out.exists()
+    assert main(["--dry-run", "--model", str(tiny_model_dir), "--processes", "zero"]) == 2
