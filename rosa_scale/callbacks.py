@@ -19,33 +19,58 @@ from transformers import TrainerCallback
 
 from .export import save_merged
 from .resample import resample
+from .schedule import resample_part, rewarm_factor
 
 
 class RosaCallback(TrainerCallback):
     """Resample every ``resample_every`` optimizer steps (``"epoch"``: at each epoch's end; ``None``:
-    never), resetting the factors' optimizer state unless ``reset_optimizer`` is False; write the
-    merged model to ``merged_dir`` when training ends. ``events`` lists (step, seconds) per resample."""
+    never), spread over ``resample_stagger`` steps, resetting the factors' optimizer state unless
+    ``reset_optimizer`` is False, and ramping the Trainer's learning rate up again over
+    ``rewarm_steps`` steps after each; write the merged model to ``merged_dir`` when training ends.
+    The options are rosa-train's, with its defaults and its schedule (``rosa_scale.schedule``).
+    ``events`` lists (step, seconds) per resample (per part when spread)."""
 
     def __init__(self, resample_every: Union[int, Literal["epoch"], None] = 200, *, reset_optimizer: bool = True,
-                 merged_dir: str | None = None):
+                 merged_dir: str | None = None, resample_stagger: int = 1, rewarm_steps: int = 0):
         if not (resample_every is None or resample_every == "epoch"
                 or (isinstance(resample_every, int) and not isinstance(resample_every, bool) and resample_every >= 1)):
             raise ValueError(f"resample_every must be >= 1, 'epoch' or None, got {resample_every!r}")
+        if resample_stagger < 1 or (isinstance(resample_every, int) and resample_stagger > resample_every):
+            raise ValueError(f"resample_stagger must be between 1 and resample_every, got {resample_stagger}")
+        if resample_every == "epoch" and resample_stagger > 1:
+            raise ValueError("resample_stagger needs resample_every in steps, not 'epoch'")
+        if rewarm_steps < 0:
+            raise ValueError(f"rewarm_steps must be >= 0, got {rewarm_steps}")
         self.resample_every = resample_every
         self.reset_optimizer = reset_optimizer
         self.merged_dir = merged_dir
+        self.resample_stagger = resample_stagger
+        self.rewarm_steps = rewarm_steps
         self.events: list[tuple[int, float]] = []
 
-    def _resample(self, state, model, optimizer) -> None:
-        seconds = resample(model, optimizer if self.reset_optimizer else None)
+    def _resample(self, state, model, optimizer, part=None) -> None:
+        seconds = resample(model, optimizer if self.reset_optimizer else None, part=part)
         self.events.append((state.global_step, seconds))
         if state.log_history is not None:
             state.log_history.append({"step": state.global_step, "resample_s": seconds})
 
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        """The Trainer's scheduler set this step's rate; scale it for the re-warmup (the scheduler
+        sets the next one from its base rates again, so nothing compounds)."""
+        every = self.resample_every
+        if self.rewarm_steps and isinstance(every, int) and optimizer is not None:
+            factor = rewarm_factor(state.global_step, every, self.rewarm_steps)
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         every = self.resample_every
-        if isinstance(every, int) and state.global_step % every == 0 and state.global_step < state.max_steps:
-            self._resample(state, model, optimizer)  # not after the last step: the export merges anyway
+        if not isinstance(every, int):
+            return
+        part = resample_part(state.global_step, every, self.resample_stagger, state.max_steps)
+        if part is not None:  # never after the last step: the export merges anyway
+            self._resample(state, model, optimizer,
+                           (part, self.resample_stagger) if self.resample_stagger > 1 else None)
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.resample_every == "epoch" and state.global_step < state.max_steps:

@@ -16,11 +16,17 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
     elif schedule != "constant":
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         factor = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    if rewarm_steps > 0 and resample_every:
-        since_resample = step - (step // resample_every) * resample_every
-        if step >= resample_every and since_resample < rewarm_steps:
-            factor *= (since_resample + 1) / (rewarm_steps + 1)
+    if resample_every:
+        factor *= rewarm_factor(step, resample_every, rewarm_steps)
     return factor
+
+
+def rewarm_factor(step: int, resample_every: int, rewarm_steps: int) -> float:
+    """The re-warmup after each resample: the rate ramps up again over ``rewarm_steps`` steps."""
+    since_resample = step % resample_every
+    if rewarm_steps > 0 and step >= resample_every and since_resample < rewarm_steps:
+        return (since_resample + 1) / (rewarm_steps + 1)
+    return 1.0
 
 
 def resample_part(step: int, every: int | None, parts: int, total: int) -> int | None:

@@ -77,3 +77,31 @@ def test_trainer_with_rosa_callback(tmp_path):
 def test_bad_schedule_is_one_line():
     with pytest.raises(ValueError, match="resample_every must be >= 1, 'epoch' or None, got 0"):
         RosaCallback(resample_every=0)
+
+
+def test_spread_resamples_and_rewarmup_follow_rosa_trains_schedule(tmp_path):
+    """resample_every 4 spread over 2 steps with a 2-step re-warmup: parts after steps 4 and 5 (the
+    round at 8 would end past the last step), and the rate the optimizer steps with is
+    rosa-train's ``lr_factor`` of each step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from rosa_scale.schedule import lr_factor
+
+    rates = {}
+
+    class Rate(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            rates[state.global_step] = optimizer.param_groups[0]["lr"]
+
+    tokenizer = tiny_tokenizer()
+    model = apply_rosa(tiny_llama(len(tokenizer)), RosaConfig(rank=4))
+    rosa = RosaCallback(resample_every=4, resample_stagger=2, rewarm_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=9, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer), data_collator=default_data_collator,
+            callbacks=[rosa, Rate()]).train()
+    assert [step for step, _ in rosa.events] == [4, 5]
+    want = {s: 1e-2 * lr_factor(s, total_steps=9, warmup_steps=0, schedule="constant", resample_every=4,
+                                rewarm_steps=2) for s in range(9)}
+    assert rates == pytest.approx(want, rel=1e-9) and rates[4] == pytest.approx(1e-2 / 3)
