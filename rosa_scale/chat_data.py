@@ -97,8 +97,13 @@ def to_blocks(docs: Dataset, tokenizer, block_size: int, max_blocks: int | None,
 
     blocks = docs.map(encode, batched=True, batch_size=256, with_indices=True, remove_columns=docs.column_names,
                       desc="tokenizing")
+    return torch_blocks(blocks, max_blocks, f"{source}: no example has an answer within block_size={block_size} tokens")
+
+
+def torch_blocks(blocks: Dataset, max_blocks: int | None, empty: str) -> Dataset:
+    """The first ``max_blocks`` blocks as torch tensors; ``empty`` is the ``DataError`` line when there are none."""
     if len(blocks) == 0:
-        raise DataError(f"{source}: no example has an answer within block_size={block_size} tokens")
+        raise DataError(empty)
     if max_blocks is not None and len(blocks) > max_blocks:
         blocks = blocks.select(range(max_blocks))
     return blocks.with_format("torch")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .chat_data import data_format, to_blocks
+from .chat_data import data_format, to_blocks, torch_blocks
 from .data_checks import READ_ERRORS, DataError, check_text, find_bad_file, first_line, positions
 
 __all__ = ["DataError", "build_datasets", "check_text", "load_documents", "pack", "train_eval_split"]
@@ -159,11 +159,7 @@ def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks:
 
     blocks = docs.map(tokenize_and_pack, batched=True, batch_size=256, remove_columns=docs.column_names,
                       desc="tokenizing")
-    if len(blocks) == 0:
-        raise DataError(f"{source} holds fewer than block_size={block_size} tokens: nothing to train on")
-    if max_blocks is not None and len(blocks) > max_blocks:
-        blocks = blocks.select(range(max_blocks))
-    return blocks.with_format("torch")
+    return torch_blocks(blocks, max_blocks, f"{source} holds fewer than block_size={block_size} tokens: nothing to train on")
 
 
 def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
