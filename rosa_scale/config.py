@@ -133,10 +133,11 @@ class TrainConfig:
     full-vocabulary fp32 logits never exist whole (2 GiB at B=2, S=2048 with a 128k vocabulary, and as
     much for their gradient), in training and evaluation, under every engine. Needs a model whose
     forward takes ``logits_to_keep`` (Llama, Qwen2, Mistral and most current causal LMs)."""
-    report_to: str = "tensorboard"
+    report_to: str = "auto"
     """Where metrics go besides metrics.jsonl: comma-separated trackers (tensorboard, wandb, mlflow,
-    comet_ml, aim, clearml, dvclive; the others through accelerate), or none. Each gets every record:
-    loss, learning rate, tokens/s, eval loss and perplexity, resample seconds (and part)."""
+    comet_ml, aim, clearml, dvclive; the others through accelerate), none, or auto (TensorBoard when it
+    is installed). Each gets every record: loss, learning rate, tokens/s, eval loss and perplexity,
+    resample seconds (and part)."""
     compile: Union[bool, Literal["auto"]] = "auto"
     """Compile each decoder layer with torch.compile before sharding (same function, fused steps:
     ROSA and the frozen base both ~1.3x faster on an H200). auto: on a CUDA device, except under

@@ -12,10 +12,13 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 
 
 def tracker_names(report_to: str) -> list[str]:
-    """The trackers ``report_to`` names ('none': no tracker); one ``ConfigError`` line for an unknown name."""
+    """The trackers ``report_to`` names ('none': no tracker; 'auto': TensorBoard if it is installed); one
+    ``ConfigError`` line for an unknown name."""
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     if names == ["none"]:
         return []
+    if names == ["auto"]:
+        return ["tensorboard"] if is_installed("tensorboard") else []
     unknown = [n for n in names if n not in TRACKERS]
     if unknown or not names:
         raise ConfigError(f"config key 'report_to': unknown tracker {(unknown or [report_to])[0]!r}; choose from "

@@ -10,6 +10,10 @@ def test_names_and_refusals(monkeypatch):
     with pytest.raises(ConfigError, match="unknown tracker 'neptune'"):
         trackers.tracker_names("tensorboard,neptune")
     monkeypatch.setattr(trackers, "is_installed", lambda name: name != "wandb")
+    assert trackers.tracker_names("auto") == ["tensorboard"]
+    monkeypatch.setattr(trackers, "is_installed", lambda name: False)
+    assert trackers.tracker_names("auto") == []  # TensorBoard only where it is installed, as before
+    monkeypatch.setattr(trackers, "is_installed", lambda name: name != "wandb")
     with pytest.raises(ConfigError, match=r"names wandb, which is not installed \(pip install wandb\)"):
         trackers.check_installed(["tensorboard", "wandb"])
 
