@@ -140,9 +140,10 @@ class TrainConfig:
     resample seconds (and part)."""
     compile: Union[bool, Literal["auto"]] = "auto"
     """Compile each decoder layer with torch.compile before sharding (same function, fused steps:
-    ROSA and the frozen base both ~1.3x faster on an H200). auto: on a CUDA device, except under
-    DeepSpeed or with a quantized base (whose stack grows at each resample); true elsewhere
-    compiles where it can and says in one line why it cannot."""
+    ROSA and the frozen base both ~1.3x faster on an H200). auto: on a CUDA device with one process,
+    DDP or fsdp: true, except with a quantized base (whose stack grows at each resample); not under
+    DeepSpeed or accelerate's FSDP plugin. true compiles in those cases too, and says in one line why
+    it cannot where it cannot."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.

@@ -191,12 +191,14 @@ def _base_kind(layers) -> str:
     return f" (ROSA targets {'/'.join(kinds)}, frozen)" if kinds else ""
 
 
-def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized: bool, deepspeed: bool) -> int:
+def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized: bool, deepspeed: bool,
+                    accelerate_fsdp: bool) -> int:
     """How many decoder layers ``cfg.compile`` compiled (before any sharding): ``auto`` compiles on a
-    CUDA device with a plain base outside DeepSpeed, and skips silently where it cannot."""
+    CUDA device with a plain base, one process, DDP or ``fsdp: true`` (measured on H200s; DeepSpeed and
+    accelerate's FSDP plugin not yet), and skips silently where it cannot."""
     if cfg.compile is False:
         return 0
-    if cfg.compile == "auto" and (device.type != "cuda" or quantized or deepspeed
+    if cfg.compile == "auto" and (device.type != "cuda" or quantized or deepspeed or accelerate_fsdp
                                   or compile_unavailable(device) or not decoder_layers(model)):
         return 0
     return compile_decoder_layers(model, device)
@@ -323,7 +325,8 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled = _compile_layers(cfg, model, accelerator.device, quantized=quantized, deepspeed=deepspeed)
+    compiled = _compile_layers(cfg, model, accelerator.device, quantized=quantized, deepspeed=deepspeed,
+                               accelerate_fsdp=accelerate_fsdp)
     if own_fsdp:
         from .engines.fsdp2 import shard_model
 
