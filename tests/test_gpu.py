@@ -204,14 +204,20 @@ def test_loss_chunks_under_zero3_with_a_partitioned_head(tmp_path):
     assert max(abs(a - b) for a, b in zip(losses["whole"], losses["chunked"])) < 1e-4
 
 
-def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path):
-    """compile: auto compiles each decoder layer on a GPU; the run logs the losses of the eager run
-    (bf16: fused kernels round differently) through its resamples."""
+@pytest.mark.parametrize("launch", ["one GPU", pytest.param("FSDP2 on 2 GPUs", marks=pytest.mark.skipif(
+    GPUS < 2, reason="needs 2 GPUs"))])
+def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path, launch):
+    """compile: auto compiles each decoder layer on a GPU (before fully_shard under fsdp: true); the run
+    logs the losses of the eager run (bf16: fused kernels round differently) through its resamples."""
     losses, summaries = {}, {}
     for name, extra in {"compiled": [], "eager": ["--compile", "false"]}.items():
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16",
-               *extra]
+        start = [sys.executable, "-m", "rosa_scale.train"]
+        if launch != "one GPU":
+            start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                     str(free_port()), "-m", "rosa_scale.train"]
+            extra = [*extra, "--fsdp", "true", "--batch-size", "2"]
+        cmd = [*start, *_train_args(tmp_path, out), "--mixed-precision", "bf16", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
         summaries[name] = json.loads((out / "summary.json").read_text())
