@@ -105,3 +105,33 @@ def test_spread_resamples_and_rewarmup_follow_rosa_trains_schedule(tmp_path):
     want = {s: 1e-2 * lr_factor(s, total_steps=9, warmup_steps=0, schedule="constant", resample_every=4,
                                 rewarm_steps=2) for s in range(9)}
     assert rates == pytest.approx(want, rel=1e-9) and rates[4] == pytest.approx(1e-2 / 3)
+
+
+def test_trainer_ddp_on_two_processes_matches_one(tmp_path):
+    """The Trainer's own DDP (torchrun, 2 gloo processes, 2 sequences each) against one process with
+    4: the same resample steps, replicas bit-identical after every resample, and the same trained model
+    up to reduction order; the merged export reloads with its outputs."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.ports import free_port
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = {"one": ([sys.executable, "-m", "tests.trainer_worker"], 4),
+            "ddp": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                     "127.0.0.1", "--master_port", str(free_port()), "-m", "tests.trainer_worker"], 2)}
+    out = {}
+    for name, (launch, batch) in runs.items():
+        proc = subprocess.run([*launch, "--out", str(tmp_path / name), "--batch", str(batch)], capture_output=True,
+                              text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = torch.load(tmp_path / name, weights_only=True)
+    assert out["ddp"]["world"] == 2 and out["ddp"]["events"] == out["one"]["events"] == [3, 6]
+    a, b = out["ddp"]["factors_per_rank"]
+    assert torch.equal(a, b)  # the replicas agree bit for bit (the owner rank broadcast each new split)
+    assert out["ddp"]["losses"] == pytest.approx(out["one"]["losses"], rel=1e-4)
+    torch.testing.assert_close(out["ddp"]["logits"], out["one"]["logits"], rtol=0, atol=1e-3)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp") + ".merged")
+    torch.testing.assert_close(merged(IDS).logits, out["ddp"]["logits"], rtol=0, atol=1e-4)
