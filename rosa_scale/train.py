@@ -26,7 +26,6 @@ from . import launcher_link
 from .checkpoint import (FOLDER, complete_checkpoints, find_checkpoint, load_checkpoint, read_trainer_state,
                          remove_leftovers, save_checkpoint)
 from .chunked_loss import check_chunkable, loss_inside_forward
-from .compiled_layers import compile_decoder_layers, compile_unavailable, decoder_layers
 from .cli import Parser
 from .config import ConfigError, TrainConfig, cli_fields, load_config, to_dict
 from .config_drift import check_resume_config
@@ -34,17 +33,16 @@ from .data import DataError, build_datasets
 from .engines import engine_for
 from .export import save_merged
 from .guard import DIVERGED_EXIT, DivergedError, agree, check_layers, nonfinite, nonfinite_grads
-from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path
+from .loading import DTYPES, load_tokenizer, resolve_model_path
 from .metrics import MetricsWriter
-from .model import adapter_parameters, apply_rosa, rosa_layers, rosa_state
+from .model import adapter_parameters, rosa_layers, rosa_state
 from .optimizers import build_optimizer
 from .preemption import RESUMABLE_EXIT, PreemptionWatch
 from .quant import QuantRosaLinear, parameter_count, quant_type_of
-from .quant_loading import OriginalWeights, is_prequantized, load_quantized_model
 from .run_lock import OutputDirBusy, OutputDirLock
+from .run_model import prepare_model, refuse_quantized_engine, zero3_fast_leaf_fetch
 from .resample import resample
 from .schedule import lr_factor, resample_part
-from .sharded_loading import can_stream, empty_model, fill
 from .trackers import check_installed, flat_config, tracker_names
 
 # Config, data and model errors subclass ValueError, as do invalid ROSA settings for a model
@@ -115,40 +113,6 @@ def _resample_interval(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
     return every
 
 
-def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
-    """ZeRO-3 fetches a whole decoder layer at once instead of hooking each of its modules (measured
-    1.8x faster on a Llama-3-8B shape), if ``decoder_layers``; DeepSpeed may also pick leaf modules
-    itself (``stage3_module_granularity_threshold``). A leaf's weights are fetched again in backward
-    only when its input requires grad, so in either case the embedding output is made to require it.
-
-    DeepSpeed fetches leaves on its fast path (no per-parameter stream dependencies, buffers reused)
-    only when that threshold is above 0 (1.13x on 2 H200s); for named leaves it is set to 1, a value
-    under every module's granularity, so DeepSpeed adds no leaves of its own. ``zero_config`` is the
-    dict DeepSpeed is initialized with, and a threshold the user set is kept."""
-    from deepspeed.utils import logger, set_z3_leaf_modules
-
-    names = set(getattr(model, "_no_split_modules", None) or []) if decoder_layers else set()
-    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
-    if classes:
-        set_z3_leaf_modules(model, classes)
-        zero_config.setdefault("stage3_module_granularity_threshold", 1)
-        logger.addFilter(_not_granularity_warning)  # the same function each time: added once
-    threshold = zero_config.get("stage3_module_granularity_threshold")
-    if classes or (isinstance(threshold, (int, float)) and threshold > 0):
-        model.enable_input_require_grads()
-
-
-def _not_granularity_warning(record) -> bool:
-    """DeepSpeed warns that a threshold of 1 picks no module; that is the intent here."""
-    return not record.getMessage().startswith("The smallest module granularity")
-
-
-def _zero3_fast_leaf_fetch(model) -> bool | None:
-    """Whether DeepSpeed fetches leaf modules on its fast path (None when not under ZeRO-3)."""
-    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
-    return getattr(offload, "fast_sharding_for_leaf_module", None)
-
-
 def _from_main(value):
     """Rank 0's ``value`` on every rank (a collective when distributed)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -189,34 +153,6 @@ def _base_kind(layers) -> str:
     """What the start line says of a quantized base, e.g. `` (ROSA targets nf4, frozen)``."""
     kinds = sorted({quant_type_of(layer.base) for layer in layers.values() if isinstance(layer, QuantRosaLinear)})
     return f" (ROSA targets {'/'.join(kinds)}, frozen)" if kinds else ""
-
-
-def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized: bool, deepspeed: bool,
-                    accelerate_fsdp: bool) -> int:
-    """How many decoder layers ``cfg.compile`` compiled (before any sharding): ``auto`` compiles on a
-    CUDA device with a plain base, one process, DDP or ``fsdp: true`` (measured on H200s; DeepSpeed and
-    accelerate's FSDP plugin not yet), and skips silently where it cannot."""
-    if cfg.compile is False:
-        return 0
-    if cfg.compile == "auto" and (device.type != "cuda" or quantized or deepspeed or accelerate_fsdp
-                                  or compile_unavailable(device) or not decoder_layers(model)):
-        return 0
-    return compile_decoder_layers(model, device)
-
-
-def _refuse_quantized_engine(cfg: TrainConfig, accelerate_fsdp: bool, deepspeed: bool) -> None:
-    """A quantized base or an 8-bit optimizer where the engine cannot hold them: one line, before loading."""
-    if deepspeed and cfg.rosa.quantize != "none":
-        raise ConfigError(f"config key 'rosa.quantize' ({cfg.rosa.quantize}) is not supported under DeepSpeed ZeRO-3 "
-                          "(it partitions every weight, the packed 4-bit codes included): use FSDP2 "
-                          "(fsdp: true), DDP or one process")
-    if deepspeed and cfg.optimizer != "adamw":
-        raise ConfigError(f"config key 'optimizer' {cfg.optimizer!r} is not supported under DeepSpeed ZeRO-3 (it "
-                          "steps flat fp32 partitions): use optimizer 'adamw'")
-    if accelerate_fsdp and cfg.rosa.quantize != "none":
-        raise ConfigError(f"config key 'rosa.quantize' ({cfg.rosa.quantize}) is not supported with accelerate's FSDP "
-                          "plugin, which would shard the packed 4-bit codes: launch without an FSDP config and "
-                          "set fsdp: true (the quantized base stays whole on each process)")
 
 
 def _apply_overrides(overridden: list[str], cfg: TrainConfig, optimizer, scheduler) -> None:
@@ -291,7 +227,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     if deepspeed and cfg.max_skipped_steps:
         raise ConfigError("config key 'max_skipped_steps' must be 0 under DeepSpeed ZeRO-3 (it updates the weights "
                           "inside backward, before a step could be skipped)")
-    _refuse_quantized_engine(cfg, accelerate_fsdp, deepspeed)
+    refuse_quantized_engine(cfg, accelerate_fsdp, deepspeed)
     lock = _claim_output_dir(out, accelerator)
     if lock is not None:
         held.append(lock)
@@ -302,41 +238,8 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         model_path = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(model_path)
         train_set, eval_set = build_datasets(cfg, tokenizer)
-    quantized = cfg.rosa.quantize != "none" or is_prequantized(model_path)
-    own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
-    streamed = own_fsdp and not quantized and can_stream(model_path)  # read into its shards after sharding
-    if quantized:  # quantized while loading, on its device: never whole in the model's dtype
-        model = load_quantized_model(model_path, cfg.model_dtype, cfg.rosa, accelerator.device)
-    elif streamed:
-        model = empty_model(model_path, cfg.model_dtype)
-    else:
-        model = load_model(model_path, cfg.model_dtype)
-    if not (deepspeed or quantized or streamed):  # DeepSpeed places (and may already have partitioned) the weights
-        model.to(accelerator.device)
-    # Under FSDP2 (accelerate's plugin, or `fsdp: true` under torchrun) and ZeRO-3 the first split
-    # is made after sharding, spread over the ranks; otherwise on the full weights right away.
-    split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
-    fit_error = cfg.rosa.quant_error_rank and quantized and not is_prequantized(model_path)
-    originals = OriginalWeights(model_path, cfg.model_dtype) if fit_error else None
-    apply_rosa(model, cfg.rosa, split=not split_after_prepare, originals=originals)
-    if deepspeed:
-        _zero3_leaves(model, cfg.zero3_leaf_layers,
-                      accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled = _compile_layers(cfg, model, accelerator.device, quantized=quantized, deepspeed=deepspeed,
-                               accelerate_fsdp=accelerate_fsdp)
-    if own_fsdp:
-        from .engines.fsdp2 import shard_model
-
-        if accelerator.num_processes < 2:
-            raise ConfigError("fsdp: true needs a launch of 2 or more processes (torchrun or accelerate launch)")
-
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
-        if streamed:
-            fill(model, model_path, accelerator.device)
+    prepared = prepare_model(cfg, accelerator, model_path, accelerate_fsdp=accelerate_fsdp, deepspeed=deepspeed)
+    model, compiled, own_fsdp = prepared.model, prepared.compiled, prepared.own_fsdp
     params = adapter_parameters(model)
     optimizer = torch_optimizer = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
@@ -350,7 +253,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         from .safe_load import protect_deepspeed_engine
 
         protect_deepspeed_engine(model)  # its checkpoints are read without running code
-    if split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
+    if prepared.split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
         resample(model, optimizer, index=0)
     module = model if own_fsdp else accelerator.unwrap_model(model)  # the plain model, for ROSA and saving
     layers = rosa_layers(module)
@@ -565,7 +468,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
             say(f"merged model (the original architecture, loadable with plain transformers): {folder}")
     if accelerator.is_main_process:
         if deepspeed:
-            summary["zero3_fast_leaf_fetch"] = _zero3_fast_leaf_fetch(model)
+            summary["zero3_fast_leaf_fetch"] = zero3_fast_leaf_fetch(model)
         summary.update(distributed_type=accelerator.distributed_type.value, engine=engine, compiled_layers=compiled,
                        num_processes=accelerator.num_processes,
                        world_size=dist.get_world_size() if dist.is_initialized() else 1)

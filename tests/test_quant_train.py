@@ -103,15 +103,15 @@ def test_resume_on_another_base_is_refused(tmp_path):
 
 
 def test_engines_that_cannot_hold_a_quantized_base_refuse_in_one_line():
-    from rosa_scale.train import _refuse_quantized_engine
+    from rosa_scale.run_model import refuse_quantized_engine
 
     with pytest.raises(ConfigError, match="not supported under DeepSpeed ZeRO-3"):
-        _refuse_quantized_engine(TrainConfig(rosa=RosaConfig(quantize="nf4")), accelerate_fsdp=False, deepspeed=True)
+        refuse_quantized_engine(TrainConfig(rosa=RosaConfig(quantize="nf4")), accelerate_fsdp=False, deepspeed=True)
     with pytest.raises(ConfigError, match="'adamw8bit' is not supported under DeepSpeed"):
-        _refuse_quantized_engine(TrainConfig(optimizer="adamw8bit"), accelerate_fsdp=False, deepspeed=True)
+        refuse_quantized_engine(TrainConfig(optimizer="adamw8bit"), accelerate_fsdp=False, deepspeed=True)
     with pytest.raises(ConfigError, match="accelerate's FSDP plugin"):
-        _refuse_quantized_engine(TrainConfig(rosa=RosaConfig(quantize="int8")), accelerate_fsdp=True, deepspeed=False)
-    _refuse_quantized_engine(TrainConfig(), accelerate_fsdp=True, deepspeed=True)  # nothing quantized: fine
+        refuse_quantized_engine(TrainConfig(rosa=RosaConfig(quantize="int8")), accelerate_fsdp=True, deepspeed=False)
+    refuse_quantized_engine(TrainConfig(), accelerate_fsdp=True, deepspeed=True)  # nothing quantized: fine
 
 
 @pytest.mark.slow
