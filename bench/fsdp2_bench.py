@@ -164,22 +164,21 @@ def mp_policy(dev: torch.device):
     return MixedPrecisionPolicy()
 
 
-def prepare_layers(model: torch.nn.Module, args) -> None:
+def prepare_layers(model: torch.nn.Module, args, dev: torch.device) -> None:
     """What rosa-train does to the decoder layers before sharding: checkpointing, then compilation."""
-    from rosa_scale.compiled_layers import decoder_layers
+    from rosa_scale.compiled_layers import compile_decoder_layers
 
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.compile:
-        for layer in decoder_layers(model):
-            layer.compile()
+        compile_decoder_layers(model, dev)
 
 
 def shard_layers(model: torch.nn.Module, dev: torch.device, args) -> None:
     """``fully_shard`` every decoder layer, then ``model`` as the root (what shard_model does)."""
     from torch.distributed.fsdp import fully_shard
 
-    prepare_layers(model, args)
+    prepare_layers(model, args, dev)
     policy = mp_policy(dev)
     for module in list(model.modules()):
         if type(module).__name__ == "LlamaDecoderLayer":
@@ -269,7 +268,7 @@ def setup_rosa(args, dev: torch.device) -> tuple:
     model = build_model(args, dev)
     apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed), split=False)
     policy = mp_policy(dev)
-    prepare_layers(model, args)
+    prepare_layers(model, args, dev)
     shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
     if args.meta_init:
         draw_shards(model, dev, args.seed)

@@ -210,6 +210,25 @@ def survival(start: dict, before: dict, after: dict) -> dict:
             "update_rel": math.sqrt(den / weight), "jump_rel": math.sqrt(jump / den) if den else 0.0}
 
 
+def _resample_step(model, opt, opts: dict, step: int, part: int, result: dict, start):
+    """One resample (or part ``part`` of one spread over ``resample_stagger`` steps) into ``result``;
+    a whole one also records the survival of the merged update. Returns the weights the next window
+    starts from (``start`` unchanged for a part: training steps lie between the parts)."""
+    from rosa_scale import resample
+
+    parts, reset = opts["resample_stagger"], opt if opts["reset_optimizer"] else None
+    if parts > 1:
+        result["resample_s"] += resample(model, reset, part=(part, parts))
+        result["resamples"] += int(part == parts - 1)
+        return start
+    before = _effective_weights(model)
+    result["resample_s"] += resample(model, reset)
+    result["resamples"] += 1
+    after = _effective_weights(model)
+    result["survival"].append({"step": step, **survival(start, before, after)})
+    return after
+
+
 def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: int, batch: int, seq: int,
               eval_every: int, warmup: int, factorize_device: str = "weight") -> dict:
     """Train one spec, write ``<out_dir>/<run_id>.json`` atomically, and return it.
@@ -218,7 +237,6 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
     recorded in the result but is not part of the run's id."""
     import torch
 
-    from rosa_scale import resample
     from rosa_scale.schedule import lr_factor, resample_part
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -254,18 +272,9 @@ def train_one(spec: dict, data_path: str, model_dir: str, out_dir: str, steps: i
         perm, pos, losses = torch.randperm(len(train), generator=order), 0, []
         train_start = time.perf_counter()
         for step in range(steps):
-            parts = opts["resample_stagger"]
-            part = resample_part(step, every, parts, steps) if resampled else None
-            if part is not None and parts > 1:  # spread: training steps between the parts, no survival measure
-                result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None, part=(part, parts))
-                result["resamples"] += part == parts - 1
-            elif part is not None:
-                before = _effective_weights(model)
-                result["resample_s"] += resample(model, opt if opts["reset_optimizer"] else None)
-                result["resamples"] += 1
-                after = _effective_weights(model)
-                result["survival"].append({"step": step, **survival(start, before, after)})
-                start, before = after, None
+            part = resample_part(step, every, opts["resample_stagger"], steps) if resampled else None
+            if part is not None:
+                start = _resample_step(model, opt, opts, step, part, result, start)
             if pos + batch > len(perm):
                 perm, pos = torch.randperm(len(train), generator=order), 0
             ids = train[perm[pos:pos + batch]].to(device, non_blocking=True)

@@ -30,7 +30,7 @@ def data_format(docs: Dataset) -> str:
 
 def _render(tokenizer, messages: list, **kwargs) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
 
 def messages_example(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:

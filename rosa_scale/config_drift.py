@@ -11,22 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ConfigError, TrainConfig, cli_fields, to_dict
+from .config import ConfigError, TrainConfig, cli_fields, flat_keys, to_dict
 
 # Keys that never change what is trained.
 HARMLESS = {"eval_every", "max_eval_blocks", "log_every", "save_every", "keep_last", "output_dir", "resume",
             "save_merged", "overwrite_output_dir", "resume_override", "max_skipped_steps",
             "gradient_checkpointing", "zero3_leaf_layers", "loss_chunk_tokens", "report_to"}
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:
@@ -43,7 +33,7 @@ def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:
 
 def changed_keys(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) of every key whose change would alter the training."""
-    before, now = _flat(saved), _flat(to_dict(cfg))
+    before, now = flat_keys(saved), flat_keys(to_dict(cfg))
     return [(k, before[k], now[k]) for k in now
             if k in before and before[k] != now[k] and not _harmless(k, before[k], now[k], before, now)]
 

@@ -94,7 +94,7 @@ def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> 
     else:
         parts["logits"] = tokens * vocab * LOGIT_BYTES[compute] / GIB
     shapes = {n: (o, i) for n, (o, i, _) in layers.items()}
-    owners_map = plan_owners(shapes, processes if (cfg.fsdp or processes > 1) else 1)
+    owners_map = plan_owners(shapes, processes)
     cost = {n: factorization_cost(*shapes[n]) for n in shapes}
     whole = sum(cost.values()) or 1
     owners = [(sum(1 for n in shapes if owners_map[n] == r),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import re
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -111,8 +112,6 @@ def _holds_experts(module: nn.Module) -> bool:
 
 def _say_what_stays_frozen(model, modules: dict, linear: list[str], names: list[str], head) -> None:
     """all-linear on a mixture-of-experts model: name what is not adapted, once, as a warning."""
-    import warnings
-
     routers = [n for n in linear if n not in names and modules[n] is not head]
     experts = [n for n, m in modules.items() if _holds_experts(m)]
     if experts:

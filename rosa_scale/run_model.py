@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .compiled_layers import compile_decoder_layers, compile_unavailable, decoder_layers
+from .compiled_layers import compile_decoder_layers, compile_unavailable
+from .compiled_layers import decoder_layers as find_decoder_layers
 from .config import ConfigError, TrainConfig
 from .loading import load_model
 from .model import apply_rosa
@@ -74,7 +75,7 @@ def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized:
     if cfg.compile is False:
         return 0
     if cfg.compile == "auto" and (device.type != "cuda" or quantized or deepspeed or accelerate_fsdp
-                                  or compile_unavailable(device) or not decoder_layers(model)):
+                                  or compile_unavailable(device) or not find_decoder_layers(model)):
         return 0
     return compile_decoder_layers(model, device)
 
@@ -106,8 +107,7 @@ def _zero3_leaves(model, decoder_layers: bool, zero_config: dict) -> None:
     dict DeepSpeed is initialized with, and a threshold the user set is kept."""
     from deepspeed.utils import logger, set_z3_leaf_modules
 
-    names = set(getattr(model, "_no_split_modules", None) or []) if decoder_layers else set()
-    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
+    classes = list({type(m) for m in find_decoder_layers(model)}) if decoder_layers else []
     if classes:
         set_z3_leaf_modules(model, classes)
         zero_config.setdefault("stage3_module_granularity_threshold", 1)

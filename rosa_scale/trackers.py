@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .config import ConfigError
+from .config import ConfigError, flat_keys
 
 # report_to name -> the module that must be importable
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
@@ -38,12 +38,6 @@ def check_installed(names: list[str]) -> None:
                           f"(pip install {TRACKERS[missing[0]]}), or drop it from report_to")
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict:
-    """A nested config as ``{"rosa.rank": 16, ...}`` with plain values (trackers take flat hyperparameters)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return out
+def flat_config(tree: dict) -> dict:
+    """The config's dotted keys with plain values (trackers take flat hyperparameters)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in flat_keys(tree).items()}
