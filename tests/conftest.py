@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
 from tests.tiny import corpus, save_tiny_model_dir, write_jsonl
+
+# a process of a multi-process test that dies in C++ (SIGABRT, SIGSEGV) prints its Python stack
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def pytest_collection_modifyitems(config, items):

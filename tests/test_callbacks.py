@@ -1,13 +1,20 @@
-"""RosaCallback in transformers' Trainer (one process): resamples at the configured steps keep the
+"""RosaCallback in transformers' Trainer (one process; 2 processes under DDP, FSDP2 and ZeRO-3): resamples at the configured steps keep the
 model's function, clear the factors' state in the Trainer's own optimizer, and the merged model the
 callback writes at the end reloads in plain transformers with the trained model's outputs."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
 from rosa_scale.callbacks import RosaCallback
+from tests.rank_runs import run_ranks
 from tests.tiny import corpus, tiny_llama, tiny_tokenizer
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
+       "PYTHONWARNINGS": "ignore::FutureWarning"}
 IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
@@ -107,31 +114,41 @@ def test_spread_resamples_and_rewarmup_follow_rosa_trains_schedule(tmp_path):
     assert rates == pytest.approx(want, rel=1e-9) and rates[4] == pytest.approx(1e-2 / 3)
 
 
-def test_trainer_ddp_on_two_processes_matches_one(tmp_path):
-    """The Trainer's own DDP (torchrun, 2 gloo processes, 2 sequences each) against one process with
-    4: the same resample steps, replicas bit-identical after every resample, and the same trained model
-    up to reduction order; the merged export reloads with its outputs."""
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def one_process_trainer(tmp_path_factory):
+    """tests/trainer_worker.py in one process, 4 sequences per step: the reference of the 2-process runs."""
+    out = tmp_path_factory.mktemp("trainer-one") / "one"
+    proc = subprocess.run([sys.executable, "-m", "tests.trainer_worker", "--out", str(out), "--batch", "4"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
 
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
+def test_trainer_on_two_processes_matches_one(engine, one_process_trainer, tmp_path):
+    """The Trainer's DDP, accelerate's FSDP2 and DeepSpeed ZeRO-3 (torchrun, 2 gloo processes, 2 sequences
+    each) against one process with 4: the same resample steps, the factors' optimizer state empty (ZeRO-3:
+    zero) right after each resample and only then, replicas bit-identical, the same trained model up to
+    reduction order; the merged export reloads in plain transformers with the trained model's outputs."""
     from transformers import AutoModelForCausalLM
 
-    from tests.ports import free_port
+    out = tmp_path / engine
 
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    runs = {"one": ([sys.executable, "-m", "tests.trainer_worker"], 4),
-            "ddp": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                     "127.0.0.1", "--master_port", str(free_port()), "-m", "tests.trainer_worker"], 2)}
-    out = {}
-    for name, (launch, batch) in runs.items():
-        proc = subprocess.run([*launch, "--out", str(tmp_path / name), "--batch", str(batch)], capture_output=True,
-                              text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = torch.load(tmp_path / name, weights_only=True)
-    assert out["ddp"]["world"] == 2 and out["ddp"]["events"] == out["one"]["events"] == [3, 6]
-    a, b = out["ddp"]["factors_per_rank"]
-    assert torch.equal(a, b)  # the replicas agree bit for bit (the owner rank broadcast each new split)
-    assert out["ddp"]["losses"] == pytest.approx(out["one"]["losses"], rel=1e-4)
-    torch.testing.assert_close(out["ddp"]["logits"], out["one"]["logits"], rtol=0, atol=1e-3)
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp") + ".merged")
-    torch.testing.assert_close(merged(IDS).logits, out["ddp"]["logits"], rtol=0, atol=1e-4)
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), "-m", "tests.trainer_worker", "--out", str(out), "--batch", "2",
+                "--engine", engine]
+
+    proc = run_ranks(command, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, one = torch.load(out, weights_only=True), one_process_trainer
+    assert run["world"] == 2 and run["engine"] == {"ddp": "local"}.get(engine, engine)
+    assert run["events"] == one["events"] == [3, 6]
+    assert run["empty_after"] == one["empty_after"] == {s: s in (3, 6) for s in range(1, 9)}
+    a, b = run["factors_per_rank"]
+    assert torch.equal(a, b)  # the replicas (or the gathered shards) agree bit for bit
+    torch.testing.assert_close(a, one["factors_per_rank"][0], rtol=0, atol=1e-3)
+    assert run["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    torch.testing.assert_close(run["logits"], one["logits"], rtol=0, atol=1e-3)
+    merged = AutoModelForCausalLM.from_pretrained(str(out) + ".merged")
+    torch.testing.assert_close(merged(IDS).logits, run["logits"], rtol=0, atol=1e-4)

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +23,13 @@ from rosa_scale.checkpoint import save_checkpoint
 from rosa_scale.consolidate import main
 from rosa_scale.safe_load import (DEEPSPEED_GLOBALS, CorruptCheckpointError, UnsafeCheckpointError, dcp_load,
                                   read_dcp_metadata, torch_load)
-from tests.ports import free_port
+from tests.rank_runs import run_ranks
 from tests.safe_load_worker import Payload
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 ERROR = "rosa-consolidate: error:"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
+       "PYTHONWARNINGS": "ignore::FutureWarning"}  # c10d's deprecation notes would fill the stderr tail
 STEP = "checkpoints/step-*"
 
 
@@ -54,11 +54,16 @@ def one_rank(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """FSDP2 (DCP) and ZeRO-3 runs of 2 gloo ranks, and what those ranks saw reading them (~25 s)."""
-    out = tmp_path_factory.mktemp("two-ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "tests.safe_load_worker", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    outs = []
+
+    def command(port: int) -> list[str]:
+        outs.append(tmp_path_factory.mktemp("two-ranks"))
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), "-m", "tests.safe_load_worker", "--out", str(outs[-1])]
+
+    proc = run_ranks(command, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out = outs[-1]
     return {"fsdp2": out / "fsdp2", "zero3": out / "zero3", "out": out,
             "ranks": [json.loads((out / f"results-rank{r}.json").read_text()) for r in range(2)]}
 
