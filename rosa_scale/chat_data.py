@@ -1,20 +1,19 @@
-"""Instruction and chat data: one example per block, the loss on the answers only.
+"""Instruction and chat data: the loss on the answers only.
 
 A dataset with a ``messages`` column (lists of ``{"role", "content"}``) is rendered with the
 tokenizer's chat template; one with ``prompt`` and ``completion`` columns is the prompt's tokens
 followed by the completion's and EOS. ``labels`` are the input ids on the assistant's (completion's)
-tokens and -100 everywhere else, so only the answers are learned. Each example fills one block of
-``block_size`` tokens (cut at the end if longer, padded after it with labels -100 if shorter):
-under causal attention the padding after an example is never seen by it, so no example attends to
-another and no attention mask is needed.
+tokens and -100 everywhere else, so only the answers are learned. An example longer than
+``block_size`` is cut at the end. Examples share blocks without seeing each other where the model
+allows it (``rosa_scale.packing``); otherwise each fills one block, padded after it with labels -100:
+under causal attention the padding after an example is never seen by it, so no attention mask is needed.
 """
 from __future__ import annotations
 
 from datasets import Dataset
 
 from .data_checks import DataError
-
-IGNORE = -100
+from .packing import IGNORE, pack_examples
 FORMATS = ("messages", "prompt_completion")
 
 
@@ -71,16 +70,19 @@ def prompt_completion_example(tokenizer, prompt, completion, where: str) -> tupl
     return head + tail, [IGNORE] * len(head) + tail
 
 
-def to_blocks(docs: Dataset, tokenizer, block_size: int, max_blocks: int | None, *, source: str) -> Dataset:
-    """One block per example (``input_ids``, ``labels``); examples whose answer lies wholly past
-    ``block_size`` are left out, and if that leaves none, one ``DataError`` line says so."""
+def to_blocks(docs: Dataset, tokenizer, block_size: int, max_blocks: int | None, *, source: str,
+              mode: str = "padded") -> Dataset:
+    """Blocks of ``input_ids`` and ``labels``: one example each (``mode`` ``padded``), or as many as
+    fit, with ``position_ids`` restarting at each (``documents``, ``rosa_scale.packing``). Examples
+    whose answer lies wholly past ``block_size`` are left out, and if that leaves none, one
+    ``DataError`` line says so."""
     kind = data_format(docs)
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token to pad chat examples with")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(batch, indices):
-        out = {"input_ids": [], "labels": []}
+        examples = []
         for k, index in enumerate(indices):
             where = f"{source}: example {index + 1}"
             if kind == "messages":
@@ -90,10 +92,11 @@ def to_blocks(docs: Dataset, tokenizer, block_size: int, max_blocks: int | None,
             ids, labels = ids[:block_size], labels[:block_size]
             if all(label == IGNORE for label in labels[1:]):  # nothing left to predict in this block
                 continue
-            fill = block_size - len(ids)
-            out["input_ids"].append(ids + [pad] * fill)
-            out["labels"].append(labels + [IGNORE] * fill)
-        return out
+            examples.append((ids, labels))
+        if mode == "documents":
+            return pack_examples(examples, block_size, pad)
+        return {"input_ids": [ids + [pad] * (block_size - len(ids)) for ids, _ in examples],
+                "labels": [labels + [IGNORE] * (block_size - len(labels)) for _, labels in examples]}
 
     blocks = docs.map(encode, batched=True, batch_size=256, with_indices=True, remove_columns=docs.column_names,
                       desc="tokenizing")

@@ -78,8 +78,8 @@ def _check_plain_logits(model: nn.Module) -> None:
 
 
 def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
-                           attention_mask: torch.Tensor | None = None, chunk_tokens: int = 1024,
-                           ignore_index: int = -100) -> torch.Tensor:
+                           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                           chunk_tokens: int = 1024, ignore_index: int = -100) -> torch.Tensor:
     """``model(input_ids, labels=labels).loss`` of a Hugging Face causal LM without its full logits.
 
     Runs the base decoder (``model.get_decoder()``: ``model.model`` for Llama, Qwen2, Mistral; a
@@ -87,7 +87,8 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     with ``model.get_output_embeddings()`` as the head.
     """
     _check_plain_logits(model)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return chunked_lm_loss(hidden, model.get_output_embeddings(), labels, chunk_tokens=chunk_tokens,
                            ignore_index=ignore_index)
@@ -170,7 +171,8 @@ def check_chunkable(module: nn.Module) -> None:
 
 
 def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int,
-                        per_sequence: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
+                        per_sequence: bool = False, labels: torch.Tensor | None = None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The chunked loss of ``input_ids`` predicting themselves, computed inside ``model``'s own forward.
 
     ``model`` is what a run calls (a DDP, FSDP2 or DeepSpeed wrapper, or ``module`` itself), ``module``
@@ -178,7 +180,8 @@ def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Te
     computes the loss there (``frozen_head_loss``), while the wrapper has the LM head's weight whole
     (FSDP2's root; ZeRO-3's is gathered for it) and its gradient hooks armed; the model itself computes
     logits for the last position only (``logits_to_keep=1``). Returns the mean loss, or with ``per_sequence`` one mean per sequence (no
-    gradient: evaluation). ``labels`` (default: the input ids) may hold -100 where nothing is learned."""
+    gradient: evaluation). ``labels`` (default: the input ids) may hold -100 where nothing is learned;
+    ``position_ids`` restarting inside a sequence keep packed documents apart (``rosa_scale.packing``)."""
     check_chunkable(module)
     head, box = module.get_output_embeddings(), {}
     labels = input_ids if labels is None else labels
@@ -193,7 +196,7 @@ def loss_inside_forward(model: nn.Module, module: nn.Module, input_ids: torch.Te
 
     handle = module.get_decoder().register_forward_hook(hook)
     try:
-        out = model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     if per_sequence or not torch.is_grad_enabled():

@@ -90,6 +90,11 @@ class TrainConfig:
     eval_fraction: float = 0.05
     block_size: int = 256
     """Tokens per training sequence; documents are packed into blocks of this length."""
+    packing: Literal["auto", "documents", "padded", "concatenated"] = "auto"
+    """How documents share a block: `documents` packs several, none seeing another (position ids
+    restart per document; models whose attention builds its mask with transformers' masking
+    utilities, sdpa or eager); `padded` gives each its own block(s); `concatenated` joins plain text
+    into one stream; `auto` is `documents` where the model allows it, else `padded`."""
     max_train_blocks: Union[int, None] = None
     max_eval_blocks: Union[int, None] = 64
     output_dir: str = "runs/rosa"

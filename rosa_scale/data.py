@@ -1,7 +1,8 @@
 """Text data for causal-LM fine-tuning through `datasets`: load, hold out, tokenize, pack.
 
-Documents are tokenized, joined with the EOS token and cut into blocks of ``block_size``
-tokens, so every batch is full and no token is padding.
+Documents are tokenized, each ended with the EOS token, and packed into blocks of ``block_size``
+tokens as ``rosa_scale.packing`` says: several documents per block that do not see each other
+(position ids restarting per document), one document per block with padding, or one stream.
 
 Bad data stops the run with one `DataError` line that names the file and the problem: a file
 `datasets` cannot read (empty, binary, not UTF-8, broken JSON/CSV/Parquet), and documents whose
@@ -20,6 +21,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .chat_data import data_format, to_blocks, torch_blocks
 from .data_checks import READ_ERRORS, DataError, check_text, find_bad_file, first_line, positions
+from .packing import IGNORE, document_positions, resolve_mode
 
 __all__ = ["DataError", "build_datasets", "check_text", "load_documents", "pack", "train_eval_split"]
 
@@ -138,33 +140,53 @@ def train_eval_split(train: Dataset | DatasetDict, eval_: Dataset | DatasetDict 
 
 
 def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks: int | None = None,
-         *, source: str = "the data") -> Dataset:
-    """Tokenize ``docs[text_field]``, join with EOS, cut into ``block_size`` blocks of ``input_ids``.
+         *, source: str = "the data", mode: str = "concatenated") -> Dataset:
+    """Tokenize ``docs[text_field]``, end each document with EOS and cut blocks of ``block_size``.
 
-    ``source`` names the data in error messages.
+    ``mode`` (``rosa_scale.packing``): ``concatenated`` joins the documents into one stream cut into
+    full blocks of ``input_ids``; ``documents`` does the same and adds ``position_ids`` restarting at
+    each document, so none attends to another; ``padded`` cuts each document alone, padding its last
+    block (``labels`` -100 there). ``source`` names the data in error messages.
     """
     check_text(docs, text_field, source)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate packed documents")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    def tokenize_and_pack(batch):
-        ids: list[int] = []
-        for text in batch[text_field]:
-            if text and text.strip():
-                ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-                ids.append(eos)
+    def documents(batch) -> list[list[int]]:
+        return [tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+                for text in batch[text_field] if text and text.strip()]
+
+    def joined(batch):
+        ids = [token for doc in documents(batch) for token in doc]
         usable = len(ids) // block_size * block_size
-        return {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
+        blocks = {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
+        if mode == "documents":
+            blocks["position_ids"] = [document_positions(block, eos) for block in blocks["input_ids"]]
+        return blocks
 
-    blocks = docs.map(tokenize_and_pack, batched=True, batch_size=256, remove_columns=docs.column_names,
-                      desc="tokenizing")
+    def padded(batch):
+        out = {"input_ids": [], "labels": []}
+        for doc in documents(batch):
+            for i in range(0, len(doc), block_size):
+                piece = doc[i:i + block_size]
+                if len(piece) < 2:  # nothing to predict
+                    continue
+                fill = block_size - len(piece)
+                out["input_ids"].append(piece + [pad] * fill)
+                out["labels"].append(piece + [IGNORE] * fill)
+        return out
+
+    blocks = docs.map(padded if mode == "padded" else joined, batched=True, batch_size=256,
+                      remove_columns=docs.column_names, desc="tokenizing")
     return torch_blocks(blocks, max_blocks, f"{source} holds fewer than block_size={block_size} tokens: nothing to train on")
 
 
-def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
-    """Packed train and eval blocks for a TrainConfig; bad documents are refused before the hold-out
-    shuffles them, so a message can point at the file and line."""
+def build_datasets(cfg, tokenizer, model_path: str | None = None) -> tuple[Dataset, Dataset]:
+    """Train and eval blocks for a TrainConfig, packed as ``cfg.packing`` says (``auto`` and
+    ``documents`` ask the model at ``model_path`` whether it keeps packed documents apart); bad
+    documents are refused before the hold-out shuffles them, so a message can point at the file and line."""
     train_docs = load_documents(cfg.dataset, cfg.dataset_config)
     eval_docs = load_documents(cfg.eval_dataset) if cfg.eval_dataset else None
     for spec, docs in ((cfg.dataset, train_docs), (cfg.eval_dataset, eval_docs)):
@@ -172,11 +194,15 @@ def build_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset]:
             check_text(docs, cfg.text_field, spec, _file_locator(spec))
     train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed, source=cfg.dataset)
     held_source = cfg.eval_dataset or f"the held-out part of {cfg.dataset}"
-    if data_format(train_docs) != "text":  # chat or instruction data: one example per block, answers learned
-        if data_format(eval_docs) != data_format(train_docs):
-            raise DataError(f"{held_source} is not {data_format(train_docs)} data like {cfg.dataset}")
-        return (to_blocks(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset),
-                to_blocks(eval_docs, tokenizer, cfg.block_size, cfg.max_eval_blocks, source=held_source))
-    train = pack(train_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset)
-    held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks, source=held_source)
+    kind = data_format(train_docs)
+    mode = resolve_mode(cfg.packing, model_path, plain_text=kind == "text")
+    if kind != "text":  # chat or instruction data: the loss on the answers only
+        if data_format(eval_docs) != kind:
+            raise DataError(f"{held_source} is not {kind} data like {cfg.dataset}")
+        return (to_blocks(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset, mode=mode),
+                to_blocks(eval_docs, tokenizer, cfg.block_size, cfg.max_eval_blocks, source=held_source, mode=mode))
+    train = pack(train_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_train_blocks, source=cfg.dataset,
+                 mode=mode)
+    held = pack(eval_docs, tokenizer, cfg.text_field, cfg.block_size, cfg.max_eval_blocks, source=held_source,
+                mode=mode)
     return train, held

@@ -82,6 +82,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return load_config(path, overrides)
 
 
+def _batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Input ids, labels (chat data and padding: -100 where nothing is learned) and position ids
+    (packed documents: restarting at each, so none sees another; else None)."""
+    ids = batch["input_ids"]
+    return ids, batch.get("labels", ids), batch.get("position_ids")
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, module=None, chunk_tokens: int | None = None) -> float:
     """Mean next-token loss per block over the held-out set, across all processes (the LM head and
@@ -89,12 +96,12 @@ def evaluate(model, loader, accelerator, module=None, chunk_tokens: int | None =
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        ids = batch["input_ids"]
-        labels = batch.get("labels", ids)  # chat data: -100 outside the answers
+        ids, labels, positions = _batch(batch)
         if chunk_tokens:
-            nll = loss_inside_forward(model, module, ids, chunk_tokens=chunk_tokens, per_sequence=True, labels=labels)
+            nll = loss_inside_forward(model, module, ids, chunk_tokens=chunk_tokens, per_sequence=True, labels=labels,
+                                      position_ids=positions)
         else:
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1].float()
             target = labels[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
             nll = nll.view(ids.shape[0], -1).sum(1) / (target != -100).sum(1).clamp(min=1)
@@ -237,7 +244,7 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
     with accelerator.main_process_first():  # the main process builds caches, the others reuse them
         model_path = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(model_path)
-        train_set, eval_set = build_datasets(cfg, tokenizer)
+        train_set, eval_set = build_datasets(cfg, tokenizer, model_path)
     prepared = prepare_model(cfg, accelerator, model_path, accelerate_fsdp=accelerate_fsdp, deepspeed=deepspeed)
     model, compiled, own_fsdp = prepared.model, prepared.compiled, prepared.own_fsdp
     params = adapter_parameters(model)
@@ -364,12 +371,12 @@ def _train(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> dict:
         for batch in loader:
             batches += 1
             with accelerator.accumulate(model):
-                ids = batch["input_ids"]
-                labels = batch.get("labels", ids)  # chat data: -100 outside the answers
+                ids, labels, positions = _batch(batch)
                 if cfg.loss_chunk_tokens:
-                    loss = loss_inside_forward(model, module, ids, chunk_tokens=cfg.loss_chunk_tokens, labels=labels)
+                    loss = loss_inside_forward(model, module, ids, chunk_tokens=cfg.loss_chunk_tokens, labels=labels,
+                                               position_ids=positions)
                 else:
-                    loss = model(input_ids=ids, labels=labels).loss
+                    loss = model(input_ids=ids, labels=labels, position_ids=positions, use_cache=False).loss
                 loss_bad = nonfinite(loss) if loss_bad is None else loss_bad | nonfinite(loss)
                 if deepspeed:  # DeepSpeed updates inside backward: decide before it
                     stop, bad_loss = agree(accelerator.device, watch.requested, loss_bad)

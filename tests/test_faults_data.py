@@ -67,6 +67,7 @@ def _cfg(train, eval_=None, **overrides):
     return SimpleNamespace(**{
         "dataset": str(train), "dataset_config": None, "eval_dataset": eval_ and str(eval_), "eval_fraction": 0.05,
         "seed": 0, "text_field": "text", "block_size": 16, "max_train_blocks": None, "max_eval_blocks": 64,
+        "packing": "concatenated",
         **overrides})
 
 

@@ -1,7 +1,8 @@
 """Architectures, each on a tiny random config: apply_rosa, a training step, a resample and
 merge_rosa keep the function; FSDP2's decoder-layer class is found; the export reloads in plain
 transformers with the trained outputs; tied embeddings stay tied and unsplit; mixture-of-experts
-blocks stored as 3-D tensors stay frozen with a warning. README's coverage table is this test's
+blocks stored as 3-D tensors stay frozen with a warning; documents packed in one row with restarting
+position ids see only themselves exactly where ``rosa_scale.packing`` says so. README's coverage table is this test's
 output (``python -m tests.test_model_coverage`` prints it) and is checked against it."""
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, merge_rosa, resample, rosa_layers
 from rosa_scale.compiled_layers import decoder_layers
+from rosa_scale.packing import keeps_documents_apart
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -51,12 +53,30 @@ def build(name: str):
     return getattr(transformers, model_cls)(config).eval()
 
 
+def packed_apart(model) -> bool:
+    """Whether two documents packed in one row with restarting position ids get the logits each gets
+    alone; the same row without position ids must differ (the second document sees the first)."""
+    a, b = IDS[0, :5], IDS[1, :7]
+    row = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=a[None], use_cache=False).logits[0],
+                           model(input_ids=b[None], use_cache=False).logits[0]])
+        joined = model(input_ids=row, use_cache=False).logits[0]
+    assert not torch.allclose(joined[5:], alone[5:], atol=1e-4)  # the comparison can tell
+    return torch.allclose(packed, alone, rtol=0, atol=1e-5)
+
+
 def check(name: str, tmp_path: Path) -> str:
     """Every property the module docstring names, for one architecture; returns its README row."""
     from transformers import AutoModelForCausalLM
 
     model = build(name)
     before = model(IDS).logits
+    apart = packed_apart(model)
+    assert keeps_documents_apart(model.config) == apart, \
+        "rosa_scale.packing's answer for this model differs from what it does"
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -81,11 +101,12 @@ def check(name: str, tmp_path: Path) -> str:
         assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
     kinds = ", ".join(f"`{k}`" for k in sorted({n.rsplit(".", 1)[-1] for n in layers}))
     return (f"| {name} | {kinds} | {'yes' if tied else 'no'} | "
-            f"{'experts frozen (3-D tensors), warned' if frozen_experts else '-'} | yes |")
+            f"{'experts frozen (3-D tensors), warned' if frozen_experts else '-'} | "
+            f"{'yes' if apart else 'no (padded)'} | yes |")
 
 
-HEADER = ["| architecture | adapted (all-linear) | tied head kept | mixture of experts | "
-          "apply / train / resample / merge / FSDP2 class / reload |", "|---|---|---|---|---|"]
+HEADER = ["| architecture | adapted (all-linear) | tied head kept | mixture of experts | packed documents kept apart | "
+          "apply / train / resample / merge / FSDP2 class / reload |", "|---|---|---|---|---|---|"]
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
