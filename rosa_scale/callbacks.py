@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from .export import save_merged
 from .resample import resample
-from .schedule import resample_part, rewarm_factor
+from .resample_schedule import ResampleSchedule
 
 
 class RosaCallback(TrainerCallback):
@@ -27,7 +27,7 @@ class RosaCallback(TrainerCallback):
     never), spread over ``resample_stagger`` steps, resetting the factors' optimizer state unless
     ``reset_optimizer`` is False, and ramping the Trainer's learning rate up again over
     ``rewarm_steps`` steps after each; write the merged model to ``merged_dir`` when training ends.
-    The options are rosa-train's, with its defaults and its schedule (``rosa_scale.schedule``).
+    The options are rosa-train's, with its defaults and its schedule (``ResampleSchedule``).
     ``events`` lists (step, seconds) per resample (per part when spread)."""
 
     def __init__(self, resample_every: Union[int, Literal["epoch"], None] = 200, *, reset_optimizer: bool = True,
@@ -42,39 +42,33 @@ class RosaCallback(TrainerCallback):
         if rewarm_steps < 0:
             raise ValueError(f"rewarm_steps must be >= 0, got {rewarm_steps}")
         self.resample_every = resample_every
-        self.reset_optimizer = reset_optimizer
         self.merged_dir = merged_dir
-        self.resample_stagger = resample_stagger
-        self.rewarm_steps = rewarm_steps
+        self.schedule = ResampleSchedule(resample_every if isinstance(resample_every, int) else None,
+                                         stagger=resample_stagger, reset_optimizer=reset_optimizer,
+                                         rewarm_steps=rewarm_steps)
         self.events: list[tuple[int, float]] = []
 
-    def _resample(self, state, model, optimizer, part=None) -> None:
-        seconds = resample(model, optimizer if self.reset_optimizer else None, part=part)
-        self.events.append((state.global_step, seconds))
-        if state.log_history is not None:
-            state.log_history.append({"step": state.global_step, "resample_s": seconds})
+    def _record(self, state, record: dict) -> None:
+        if record:
+            self.events.append((state.global_step, record["resample_s"]))
+            if state.log_history is not None:
+                state.log_history.append({"step": state.global_step, **record})
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         """The Trainer's scheduler set this step's rate; scale it for the re-warmup (the scheduler
         sets the next one from its base rates again, so nothing compounds)."""
-        every = self.resample_every
-        if self.rewarm_steps and isinstance(every, int) and optimizer is not None:
-            factor = rewarm_factor(state.global_step, every, self.rewarm_steps)
+        factor = self.schedule.rewarm(state.global_step)
+        if factor != 1.0 and optimizer is not None:
             for group in optimizer.param_groups:
                 group["lr"] *= factor
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        every = self.resample_every
-        if not isinstance(every, int):
-            return
-        part = resample_part(state.global_step, every, self.resample_stagger, state.max_steps)
-        if part is not None:  # never after the last step: the export merges anyway
-            self._resample(state, model, optimizer,
-                           (part, self.resample_stagger) if self.resample_stagger > 1 else None)
+        self._record(state, self.schedule.after_step(state.global_step, state.max_steps, model, optimizer))
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.resample_every == "epoch" and state.global_step < state.max_steps:
-            self._resample(state, model, optimizer)
+            seconds = resample(model, optimizer if self.schedule.reset_optimizer else None)
+            self._record(state, {"resample_s": seconds})
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merged_dir is not None:

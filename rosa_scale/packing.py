@@ -100,7 +100,7 @@ def document_positions(ids: list[int], eos: int) -> list[int]:
 def pack_examples(examples: list[tuple[list[int], list[int]]], block_size: int, pad: int) -> dict[str, list]:
     """Examples (ids, labels), each at most ``block_size`` long, into blocks in their order: an example
     that does not fit in what is left of a block starts the next one. The rest of a block is padding
-    (labels -100) with positions of its own, so no example sees it."""
+    (labels -100) with positions of its own, so no example sees it; no example's first token is a target."""
     out = {"input_ids": [], "labels": [], "position_ids": []}
     ids, labels, positions = [], [], []
 
@@ -114,7 +114,8 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], block_size: int, 
         if ids and len(ids) + len(example_ids) > block_size:
             close()
             ids, labels, positions = [], [], []
-        ids, labels = ids + example_ids, labels + example_labels
+        # an example's first token is never predicted: nothing of its own comes before it
+        ids, labels = ids + example_ids, labels + [IGNORE] + example_labels[1:]
         positions += list(range(len(example_ids)))
     if ids:
         close()

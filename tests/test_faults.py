@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rosa_scale.resample_schedule as schedule_mod
 import rosa_scale.train as train_mod
+import rosa_scale.training_run as run_mod
 from rosa_scale.checkpoint import read_trainer_state
 from rosa_scale.metrics import MetricsWriter
 from tests.ports import free_port
@@ -241,7 +243,7 @@ def test_metrics_are_strict_json(tmp_path):
 def test_a_signal_in_any_phase_saves_and_exits_75(phase, tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
     """Without --save-every: the checkpoint is written because of the signal, then a relaunch finishes."""
     calls = {"evaluate": 0}
-    real_evaluate, real_resample, real_export = train_mod.evaluate, train_mod.resample, train_mod.save_merged
+    real_evaluate, real_resample, real_export = run_mod.evaluate, schedule_mod.resample, run_mod.save_merged
 
     def evaluate(*args):
         calls["evaluate"] += 1
@@ -259,9 +261,9 @@ def test_a_signal_in_any_phase_saves_and_exits_75(phase, tiny_model_dir, tiny_da
             os.kill(os.getpid(), signal.SIGUSR1)
         return real_export(*args)
 
-    monkeypatch.setattr(train_mod, "evaluate", evaluate)
-    monkeypatch.setattr(train_mod, "resample", resample)
-    monkeypatch.setattr(train_mod, "save_merged", export)
+    monkeypatch.setattr(run_mod, "evaluate", evaluate)
+    monkeypatch.setattr(schedule_mod, "resample", resample)
+    monkeypatch.setattr(run_mod, "save_merged", export)
     out = tmp_path / phase
     code, printed, errors = _run(_args(tiny_model_dir, tiny_data, out, "--resume", "auto"), capsys)
     expected = {"first-eval": 0, "resample": 7, "final-eval": 14, "export": 14}[phase]

@@ -22,9 +22,10 @@ def test_positions_restart_after_each_eos():
 
 
 def test_examples_fill_blocks_in_order_and_padding_stands_alone():
-    examples = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5], [IGNORE, 5]), ([6, 7, 8, 9], [IGNORE, 7, 8, 9])]
+    examples = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [IGNORE, 7, 8, 9])]
     out = pack_examples(examples, block_size=6, pad=0)
     assert out["input_ids"] == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]]
+    # 4 would be predicted from the end of the example before it: never a target
     assert out["labels"] == [[IGNORE, 2, 3, IGNORE, 5, IGNORE], [IGNORE, 7, 8, 9, IGNORE, IGNORE]]
     assert out["position_ids"] == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
 
@@ -55,6 +56,9 @@ def test_packed_text_documents_see_only_themselves():
     block = packed[1]
     pieces = _pieces(block["position_ids"])
     assert len(pieces) >= 3 and all(block["input_ids"][s.stop - 1] == tok.eos_token_id for s in pieces[:-1])
+    starts = block["position_ids"] == 0  # each document's first token is never a target; all others are
+    assert torch.equal(block["labels"] == IGNORE, starts)
+    assert torch.equal(block["labels"][~starts], block["input_ids"][~starts])
     alone, apart, seen = _alone_and_packed(model, block, pieces)
     for a, b in zip(alone, apart):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10)

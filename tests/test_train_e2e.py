@@ -5,20 +5,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rosa_scale.train as train_mod
+import rosa_scale.training_run as run_mod
 from rosa_scale.config import load_config
 
 
 def test_train_resample_merge_export(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     seen = {}
-    real_save = train_mod.save_merged
+    real_save = run_mod.save_merged
 
     def record_and_save(model, *args):
         with torch.no_grad():
             seen["rosa_logits"] = model(input_ids=ids).logits.clone()
         return real_save(model, *args)
 
-    monkeypatch.setattr(train_mod, "save_merged", record_and_save)
+    monkeypatch.setattr(run_mod, "save_merged", record_and_save)
     cfg = load_config(None, {
         "model": str(tiny_model_dir), "dataset": str(tiny_data["train"]), "eval_dataset": str(tiny_data["eval"]),
         "block_size": 32, "batch_size": 8, "max_steps": 45, "resample_every": 15, "lr": 3e-2, "warmup_steps": 2,
@@ -36,7 +37,7 @@ def test_train_resample_merge_export(tiny_model_dir, tiny_data, tmp_path, monkey
     exported = AutoModelForCausalLM.from_pretrained(summary["merged"]).eval()
     with torch.no_grad():
         reloaded = exported(input_ids=ids).logits
-    torch.testing.assert_close(reloaded, seen["rosa_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded, seen["rosa_logits"], rtol=1e-5, atol=5e-5)  # fp32 rounding of the fold
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert [(n, p.shape) for n, p in exported.named_parameters()] == \
         [(n, p.shape) for n, p in original.named_parameters()]

@@ -88,6 +88,9 @@ def main() -> None:
         torch.save({"events": [s for s, _ in rosa.events], "world": world, "logits": logits,
                     "factors_per_rank": gathered, "empty_after": empty_after, "engine": engine_name,
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}, args.out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()  # else the ranks linger at exit (about 30 s under DeepSpeed)
 
 
 if __name__ == "__main__":
