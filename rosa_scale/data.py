@@ -145,8 +145,8 @@ def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks:
 
     ``mode`` (``rosa_scale.packing``): ``concatenated`` joins the documents into one stream cut into
     full blocks of ``input_ids``; ``documents`` does the same and adds ``position_ids`` restarting at
-    each document, so none attends to another, and ``labels`` that leave each document's first token
-    unpredicted (nothing before it in its document); ``padded`` cuts each document alone, padding its last
+    each document, so none attends to another (a document's first token stays the target of the
+    EOS before it, as in one stream: every token counts, so each block weighs the same); ``padded`` cuts each document alone, padding its last
     block (``labels`` -100 there). ``source`` names the data in error messages.
     """
     check_text(docs, text_field, source)
@@ -163,10 +163,8 @@ def pack(docs: Dataset, tokenizer, text_field: str, block_size: int, max_blocks:
         ids = [token for doc in documents(batch) for token in doc]
         usable = len(ids) // block_size * block_size
         blocks = {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
-        if mode == "documents":  # no document predicts the first token of the next one
+        if mode == "documents":
             blocks["position_ids"] = [document_positions(block, eos) for block in blocks["input_ids"]]
-            blocks["labels"] = [[IGNORE if p == 0 else t for t, p in zip(block, positions)]
-                                for block, positions in zip(blocks["input_ids"], blocks["position_ids"])]
         return blocks
 
     def padded(batch):
