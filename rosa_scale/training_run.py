@@ -25,6 +25,7 @@ from .export import save_merged
 from .guard import DivergedError, agree, check_layers, nonfinite, nonfinite_grads
 from .loading import DTYPES
 from .model import adapter_parameters, rosa_layers
+from .packing import IGNORE
 from .resample_schedule import ResampleSchedule
 from .run_model import zero3_fast_leaf_fetch
 
@@ -208,7 +209,7 @@ class TrainingRun:
                 if bad_loss:
                     self.metrics.log(self.step + 1, loss=None, nonfinite="loss")
                     raise self.diverged(f"non-finite loss at step {self.step + 1}")
-            accelerator.backward(loss)
+            accelerator.backward(loss * self._target_share(labels) if accelerator.num_processes > 1 else loss)
             if accelerator.sync_gradients and not self.deepspeed:
                 stop, bad_loss, bad_grad = agree(accelerator.device, self.watch.requested, loss_bad,
                                                  nonfinite_grads(self.params))
@@ -216,6 +217,15 @@ class TrainingRun:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, loss_bad, stop, "loss" if bad_loss else "gradient" if bad_grad else None
+
+    def _target_share(self, labels: torch.Tensor) -> float:
+        """The processes times this process's share of the micro-batch's targets (a collective). The
+        engines average gradients over processes; scaled so, every target weighs the same however
+        the targets fall on the processes (padding, chat answers), as in one process with the whole
+        batch. Exactly 1 where every process has as many targets, as with plain text."""
+        local = int((labels[:, 1:] != IGNORE).sum())
+        total = int(self.accelerator.reduce(torch.tensor(local, device=labels.device), "sum"))
+        return local * self.accelerator.num_processes / max(total, 1)
 
     def _after_step(self, step_losses: list, bad: str | None, stop: bool) -> bool:
         """The bookkeeping of an optimizer step: learning rate, skipped steps, logging, resample,

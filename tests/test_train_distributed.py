@@ -59,6 +59,24 @@ def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_d
     assert any("proj" in n for n in moved)  # training really changed the weights being compared
 
 
+def test_uneven_targets_weigh_the_same_on_two_processes(tiny_model_dir, tiny_data, tmp_path):
+    """Padded blocks hold different numbers of targets, so each process's mean loss covers a different
+    count: two processes still train the model one process does with the same 4 blocks per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    padded = ["--packing", "padded", "--max-steps", "8", "--lr", "3e-2"]
+    runs = {"one": ([sys.executable], 4), "two": (launch, 2)}
+    for name, (start, batch) in runs.items():
+        proc = subprocess.run([*start, *_args(tiny_model_dir, tiny_data, tmp_path / name, batch), *padded],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "merged" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "merged" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_the_cpu_config_really_shards(tiny_model_dir, tiny_data, tmp_path):
     """configs/accelerate/fsdp2_cpu.yaml + --fsdp true: two processes, FSDP2 engine in effect."""
