@@ -74,6 +74,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer before sharding (rosa-train's default on GPUs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
+    p.add_argument("--docs-per-block", type=int, default=1,
+                   help="N documents per sequence, kept apart by restarting position ids (packing: documents)")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
@@ -192,15 +194,24 @@ def make_batch(args, dev: torch.device) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(dev)
 
 
-def train_step(model, opt, ids: torch.Tensor, chunk: int = 0) -> None:
+def document_positions(args, dev: torch.device) -> torch.Tensor | None:
+    """Position ids of ``--docs-per-block`` equal documents packed in each sequence (restarting at
+    each, as rosa-train's ``packing: documents`` gives them), or None for one document per sequence."""
+    k = getattr(args, "docs_per_block", 1)
+    if k <= 1:
+        return None
+    return (torch.arange(args.seq) % -(-args.seq // k)).expand(args.batch, -1).to(dev)
+
+
+def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.Tensor | None = None) -> None:
     """Forward with labels (or the chunked loss), backward, optimizer step (if any)."""
     if chunk:
         from rosa_scale.chunked_loss import loss_inside_forward
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        loss = loss_inside_forward(model, inner, ids, chunk_tokens=chunk)
+        loss = loss_inside_forward(model, inner, ids, chunk_tokens=chunk, position_ids=positions)
     else:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
     loss.backward()
     if opt is not None:
         opt.step()
@@ -348,7 +359,8 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stats = time_steps(model, opt, args, dev, step=lambda m, o, ids: train_step(m, o, ids, args.loss_chunk))
+    positions = document_positions(args, dev)
+    stats = time_steps(model, opt, args, dev, step=lambda m, o, ids: train_step(m, o, ids, args.loss_chunk, positions))
     result.update({f"{mode}_{k}": v for k, v in stats.items()})
     log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
         f"peak {fmt(stats['peak_gib'])} GiB")
@@ -447,7 +459,7 @@ def header(args, dev: torch.device) -> dict:
         "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
         "gc_every": args.gc_every, "shape": args.shape, "meta_init": args.meta_init, "compile": args.compile, "checkpointing": args.checkpointing,
-        "loss_chunk": args.loss_chunk,
+        "loss_chunk": args.loss_chunk, "docs_per_block": args.docs_per_block,
         "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
     }

@@ -227,3 +227,24 @@ def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path,
     assert len(losses["compiled"]) == 30
     assert max(abs(a - b) / b for a, b in zip(losses["compiled"], losses["eager"])) < 2e-2, losses
     assert summaries["compiled"]["eval_loss_after"] == pytest.approx(summaries["eager"]["eval_loss_after"], rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_documents_see_only_themselves_under_cuda_sdpa(dtype):
+    """The masked sdpa kernel CUDA picks for a block of several documents gives each document the
+    logits it gets alone (the causal kernel), up to the dtype's rounding; without position ids the
+    second document's logits move by far more."""
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(300).to("cuda", dtype).eval()
+    assert model.config._attn_implementation == "sdpa"
+    a, b = (torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).cuda() for n in (40, 88))
+    row = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(40), torch.arange(88)])[None].cuda()
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
+        alone = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (a, b)]).float()
+        joined = model(input_ids=row, use_cache=False).logits[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(packed, alone, rtol=0, atol=tol)
+    assert (joined[40:] - alone[40:]).abs().max() > 10 * tol
