@@ -26,7 +26,7 @@ from rosa_scale.checkpoint import save_checkpoint
 from rosa_scale.consolidate import main
 from rosa_scale.export import merged_state_dict
 from tests.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
-from tests.ports import free_port
+from tests.rank_runs import run_ranks
 
 ERROR = "rosa-consolidate: error:"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
@@ -114,11 +114,16 @@ def gpt2_run(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def multi_rank_runs(tmp_path_factory):
     """FSDP2 (DCP from 2 ranks) and DeepSpeed ZeRO-3 checkpoints from one 2-process launch (~10 s)."""
-    out = tmp_path_factory.mktemp("multi-rank")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "tests.ds_checkpoint_worker", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    outs = []
+
+    def command(port: int) -> list[str]:
+        outs.append(tmp_path_factory.mktemp("multi-rank"))  # a fresh folder for each start
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), "-m", "tests.ds_checkpoint_worker", "--out", str(outs[-1])]
+
+    proc = run_ranks(command, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out = outs[-1]
     return {kind: {"root": out / kind, **torch.load(out / kind / "reference.pt")} for kind in ("fsdp2", "zero3")}
 
 

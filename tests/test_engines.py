@@ -6,23 +6,26 @@ optimizer state for the factors only, reset at each resample. A ZeRO-3 experimen
 trainable parameter measures the update size after a resample when Adam's step cannot restart.
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from rosa_scale.engines.plan import factorization_cost, plan_loads, plan_owners
-from tests.ports import free_port
+from tests.rank_runs import run_ranks
 
 
 def _run(out, mode, nproc=None, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "tests.engine_worker", "--mode", mode, "--out", str(out), *extra]
-    if nproc:
-        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                    "--master_port", str(free_port()), "-m"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    def command(port: int) -> list[str]:
+        cmd = [sys.executable, "-m", "tests.engine_worker", "--mode", mode, "--out", str(out), *extra]
+        if nproc:
+            cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                        "--master_port", str(port), "-m"]
+        return cmd
+
+    proc = run_ranks(command, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 

@@ -2,13 +2,12 @@
 bit for bit, with no process ever holding the whole model; a folder that does not match is one line."""
 import json
 import os
-import subprocess
 import sys
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.ports import free_port
+from tests.rank_runs import run_ranks
 
 
 def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model_dir, tmp_path):
@@ -21,10 +20,10 @@ def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model
     save_file({**tensors, "model.extra.weight": torch.zeros(2)}, bad / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "full.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "tests.sharded_loading_worker", "--model", str(tiny_model_dir),
-           "--bad-model", str(bad), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_ranks(lambda port: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "tests.sharded_loading_worker", "--model", str(tiny_model_dir),
+        "--bad-model", str(bad), "--out", str(out)], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".pt.json").read_text())
     assert report["meta_params"] and report["real_buffers"] and report["world_size"] == 2
