@@ -31,11 +31,18 @@ def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:
     return False
 
 
+# Keys newer than some checkpoints, with the values that train as runs did before the key existed.
+BEFORE_KEY = {"packing": ("concatenated", "padded")}  # plain text as one stream; chat one example per block
+
+
 def changed_keys(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) of every key whose change would alter the training."""
+    """(key, saved value, new value) of every key whose change would alter the training; a key the
+    checkpoint predates counts as changed unless its new value trains as runs did before it."""
     before, now = flat_keys(saved), flat_keys(to_dict(cfg))
-    return [(k, before[k], now[k]) for k in now
-            if k in before and before[k] != now[k] and not _harmless(k, before[k], now[k], before, now)]
+    changed = [(k, before[k], now[k]) for k in now
+               if k in before and before[k] != now[k] and not _harmless(k, before[k], now[k], before, now)]
+    return changed + [(k, f"unset (then: {' or '.join(old)})", now[k]) for k, old in BEFORE_KEY.items()
+                      if k not in before and now.get(k) not in old]
 
 
 def check_resume_config(saved: dict | None, cfg: TrainConfig, checkpoint: str) -> list[str]:

@@ -120,6 +120,7 @@ def test_saving_at_resample_steps_changes_nothing_two_processes(extra, tiny_mode
     (["--model-dtype", "bfloat16"], "model_dtype 'float32' -> 'bfloat16'"),
     (["--max-steps", "10"], "max_steps 14 -> 10"),
     (["--rosa.seed", "5"], "rosa.seed 0 -> 5"),
+    (["--packing", "padded"], "packing 'auto' -> 'padded'"),
 ])
 def test_resume_with_changed_training_settings_is_refused(saved_run, tiny_model_dir, tiny_data, change, named,
                                                           capsys):
@@ -149,6 +150,19 @@ def test_resume_accepts_harmless_changes_and_overrides(saved_run, tiny_model_dir
     lr8 = next(r["lr"] for r in _records(run) if r["step"] == 8 and "lr" in r)
     factor = lr_factor(7, total_steps=16, warmup_steps=5, schedule="cosine", resample_every=7, rewarm_steps=0)
     assert lr8 == pytest.approx(5e-3 * factor, rel=1e-12)
+
+
+def test_a_checkpoint_older_than_packing_resumes_only_as_it_was_packed():
+    """A checkpoint's config without ``packing`` was trained as one stream (plain text) or one example
+    per block (chat): resuming it packed otherwise is a change like any other."""
+    from rosa_scale.config import TrainConfig, to_dict
+    from rosa_scale.config_drift import changed_keys
+
+    saved = to_dict(TrainConfig())
+    del saved["packing"]
+    assert changed_keys(saved, TrainConfig()) == [("packing", "unset (then: concatenated or padded)", "auto")]
+    assert changed_keys(saved, TrainConfig(packing="concatenated")) == []
+    assert changed_keys(saved, TrainConfig(packing="padded")) == []
 
 
 def test_resume_override_names_must_be_config_keys(tiny_model_dir, tiny_data, tmp_path, capsys):
