@@ -391,6 +391,10 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
     model.rosa_state.config.method = args.run_method
     ids = make_batch(args, dev)
     times, resampling = [], []
+    every = args.gc_every
+    if every:  # as in time_steps: collections at the same steps on every rank, inside the timed step
+        gc.collect()
+        gc.disable()
     for step in range(1, args.run_steps + 1):
         sync(dev)
         start = time.perf_counter()
@@ -398,10 +402,14 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
         part = resample_part(step, args.resample_every, args.stagger, args.run_steps + 1)
         if part is not None:
             resample(model, opt, part=(part, args.stagger) if args.stagger > 1 else None)
+        if every and step % every == 0:
+            gc.collect(1)
         sync(dev)
         times.append(time.perf_counter() - start)
         if part is not None:
             resampling.append(step)
+    if every:
+        gc.enable()
     times = all_max(times, dev)
     plain = [t for i, t in enumerate(times, 1) if i not in resampling]
     median = statistics.median(plain)
@@ -411,7 +419,7 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
     return {"run_step_s_each": [round(t, 4) for t in times], "run_resample_steps": resampling,
             "run_median_step_s": median, "run_max_step_over_median": max(times) / median,
             "run_resample_overhead_frac": extra / sum(plain), "run_resample_every": args.resample_every,
-            "run_stagger": args.stagger, "run_method": args.run_method}
+            "run_stagger": args.stagger, "run_method": args.run_method, "run_gc_every": every}
 
 
 def free_memory(dev: torch.device) -> None:

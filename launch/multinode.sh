@@ -18,8 +18,9 @@ gpus=$(rosa_gpus_per_node)
 per_node=$(( gpus > 0 ? gpus : ${CPU_PROCS_PER_NODE:-1} ))  # CPU-only nodes: CPU_PROCS_PER_NODE processes
 engine_args=()
 case "$ENGINE:$gpus" in
-  fsdp2:0) engine_args=(--multi_gpu); set -- "$@" --fsdp true ;;  # CPU: rosa-train shards itself
-  fsdp2:*) engine_args=(--config_file "$here/../configs/accelerate/fsdp2.yaml") ;;
+  # rosa-train shards the model itself (FSDP2): each rank reads only its shards from the folder, so
+  # no GPU or host ever holds the whole model (accelerate's FSDP plugin would load it whole on each GPU)
+  fsdp2:*) engine_args=(--multi_gpu); set -- "$@" --fsdp true ;;
   zero3:0) die "ENGINE=zero3 needs GPUs" ;;
   zero3:*) engine_args=(--config_file "$here/../configs/accelerate/zero3.yaml"  # each node starts its own
                         --deepspeed_multinode_launcher standard) ;;  # processes (not pdsh/ssh from node 0)

@@ -41,6 +41,8 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
     else:
         model = load_model(model_path, cfg.model_dtype)
     if not (deepspeed or quantized or streamed):  # DeepSpeed places (and may already have partitioned) the weights
+        if accelerate_fsdp:
+            _refuse_whole_model_beyond_gpu(model, device)
         model.to(device)
     split_after_prepare = accelerate_fsdp or own_fsdp or deepspeed
     fit_error = cfg.rosa.quant_error_rank and quantized and not is_prequantized(model_path)
@@ -65,6 +67,19 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
         if streamed:
             fill(model, model_path, device)
     return Prepared(model, compiled, quantized, own_fsdp, split_after_prepare)
+
+
+def _refuse_whole_model_beyond_gpu(model, device: torch.device) -> None:
+    """accelerate's FSDP plugin shards a model that is already whole on each GPU: say so in one line,
+    with the launch that reads only each rank's shards, instead of running out of memory."""
+    if device.type != "cuda":
+        return
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise ConfigError(f"the whole model ({need / 2**30:.1f} GiB) would sit on each GPU ({free / 2**30:.1f} GiB "
+                          "free) before accelerate's FSDP plugin shards it: launch with launch/local.sh, "
+                          "launch/multinode.sh or torchrun with --fsdp true, which read each rank's shards only")
 
 
 def _compile_layers(cfg: TrainConfig, model, device: torch.device, *, quantized: bool, deepspeed: bool,

@@ -8,6 +8,7 @@ evaluation, the merged export and the summary.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -154,7 +155,6 @@ class TrainingRun:
 
     def loop(self) -> dict | None:
         """Train to the last step; returns the stop summary if a signal ended it early."""
-        from accelerate import skip_first_batches
         from tqdm.auto import tqdm
 
         accelerator = self.accelerator
@@ -163,6 +163,18 @@ class TrainingRun:
         self.held.append(bar)  # closed before any error line is printed
         self.bar, self.losses, self.tokens, self.clock = bar, [], 0, time.perf_counter()
         self.model.train()
+        collecting = gc.isenabled() and self.cfg.gc_every
+        if collecting:
+            gc.disable()  # collected together in _after_step; see TrainConfig.gc_every
+        try:
+            return self._epochs(accelerator, bar)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _epochs(self, accelerator, bar) -> dict | None:
+        from accelerate import skip_first_batches
+
         while self.step < self.total:
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(self.epoch)
@@ -256,6 +268,8 @@ class TrainingRun:
             record.update(loss=mean_loss, lr=lr, tokens_per_s=self.tokens * accelerator.num_processes / elapsed)
             self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
             self.losses, self.tokens, self.clock = [], 0, time.perf_counter()
+        if cfg.gc_every and step % cfg.gc_every == 0:
+            gc.collect(1)
         resampled = self.resamples.after_step(step, self.total, self.model, self.optimizer)
         if resampled:
             record.update(resampled)

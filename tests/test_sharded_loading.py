@@ -39,3 +39,22 @@ def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model
         owner, _, leaf = key.rpartition(".")
         name = f"{owner}.base.{leaf}" if f"{owner}.up" in full else key
         assert torch.equal(full[name], value), key  # buffers (rotary frequencies) included
+
+
+def test_accelerates_fsdp_plugin_refuses_a_model_larger_than_the_gpu_in_one_line(tiny_model_dir, monkeypatch):
+    """Under accelerate's plugin each GPU holds the whole model before sharding: beyond its free memory
+    rosa-train names the launch that reads shards only, instead of running out of memory."""
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from rosa_scale.config import ConfigError
+    from rosa_scale.run_model import _refuse_whole_model_beyond_gpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size - 1, 2 * size))
+    with pytest.raises(ConfigError, match=r"whole model \(0\.\d GiB\) would sit on each GPU .*--fsdp true"):
+        _refuse_whole_model_beyond_gpu(model, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size, 2 * size))
+    _refuse_whole_model_beyond_gpu(model, torch.device("cuda", 0))  # fits: nothing said
+    _refuse_whole_model_beyond_gpu(model, torch.device("cpu"))

@@ -20,12 +20,18 @@ def test_train_resample_merge_export(tiny_model_dir, tiny_data, tmp_path, monkey
         return real_save(model, *args)
 
     monkeypatch.setattr(run_mod, "save_merged", record_and_save)
+    import gc
+
+    collections = []  # (generation, automatic collection on?) of each collection the loop asks for
+    monkeypatch.setattr(run_mod.gc, "collect", lambda generation=2: collections.append((generation, gc.isenabled())))
     cfg = load_config(None, {
         "model": str(tiny_model_dir), "dataset": str(tiny_data["train"]), "eval_dataset": str(tiny_data["eval"]),
         "block_size": 32, "batch_size": 8, "max_steps": 45, "resample_every": 15, "lr": 3e-2, "warmup_steps": 2,
-        "output_dir": str(tmp_path / "run"), "rosa.rank": 8, "eval_every": 15,
+        "output_dir": str(tmp_path / "run"), "rosa.rank": 8, "eval_every": 15, "gc_every": 10,
     })
     summary = train_mod.train(cfg)
+    monkeypatch.undo()
+    assert collections == [(1, False)] * 4 and gc.isenabled()  # steps 10-40, automatic collection off, back on
 
     assert summary["resamples"] == 2 and summary["steps"] == 45
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5, summary
