@@ -76,6 +76,9 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
     p.add_argument("--docs-per-block", type=int, default=1,
                    help="N documents per sequence, kept apart by restarting position ids (packing: documents)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, profile N steps of each mode: GPU kernel ms by kind (bench/step_profile.py), "
+                        "key-averages table in <out>-<mode>-profile.txt")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
@@ -364,6 +367,15 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     result.update({f"{mode}_{k}": v for k, v in stats.items()})
     log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
         f"peak {fmt(stats['peak_gib'])} GiB")
+    if args.profile:
+        from step_profile import profile_steps
+
+        ids = make_batch(args, dev)
+        kernels, table = profile_steps(lambda: train_step(model, opt, ids, args.loss_chunk, positions), args.profile)
+        result.update({f"{mode}_{k}": v for k, v in kernels.items()})
+        if dist.get_rank() == 0:
+            Path(args.out).with_name(Path(args.out).stem + f"-{mode}-profile.txt").write_text(table)
+        log(f"{mode}: kernels {kernels['kernel_ms_per_step']:.1f} ms per step over a span of {kernels['span_ms_per_step']:.1f}")
     write(result, args.out)
     if mode == "rosa" and args.methods:
         from rosa_scale import resample

@@ -4,8 +4,9 @@
 
 reads ``<prefix>-{1gpu,2gpu}-compiled.json`` (frozen, ROSA and PEFT LoRA, each decoder layer compiled),
 ``<prefix>-{1gpu,2gpu}-peft-eager.json`` (PEFT LoRA as its users run it), ``<prefix>-2gpu-rosa-ckpt.json``
-(checkpointing + chunked loss), ``<prefix>-2gpu-run-stagger.json`` (a run with the resample schedule)
-and ``<prefix>-70b-2gpu.json``; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
+(checkpointing + chunked loss), ``<prefix>-2gpu-run-stagger.json`` (a run with the resample schedule;
+``-2gpu-run-gc.json``, the same with collections at fixed steps, wins when present), ``<prefix>-70b-2gpu.json``,
+``<prefix>-2gpu-docs{1,8}.json`` (packed documents) and ``<prefix>-8b-loading.json``; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
 number is read from those files; the ratios pair runs of one machine and call.
 """
 from __future__ import annotations
@@ -45,14 +46,29 @@ def summarize(prefix: str) -> dict:
         if gpus == 2 and "resample_s_eigh" in fast:  # one resample at once every 200 steps (the former default)
             flat["resample_overhead_frac_2gpu_eigh_at_once"] = fast["resample_s_eigh"] / (200 * fast["rosa_step_s"])
             flat["max_step_over_median_2gpu_eigh_at_once"] = 1 + fast["resample_s_eigh"] / fast["rosa_step_s"]
-    run = load(prefix, "2gpu-run-stagger")
+    uncontrolled = load(prefix, "2gpu-run-stagger")
+    run = load(prefix, "2gpu-run-gc") or uncontrolled
+    if run is not uncontrolled and uncontrolled:
+        flat["max_step_over_median_2gpu_python_gc"] = uncontrolled["run_max_step_over_median"]
     if run:
         times, median, marked = run["run_step_s_each"], run["run_median_step_s"], run["run_resample_steps"]
         flat.update({"resample_overhead_frac_2gpu": run["run_resample_overhead_frac"],
                      "max_step_over_median_2gpu": run["run_max_step_over_median"],
                      "max_resample_step_over_median_2gpu": max(times[s - 1] for s in marked) / median,
                      "run_schedule_2gpu": f"every {run['run_resample_every']} steps, {run['run_method']}, spread over "
-                                          f"{run['run_stagger']} steps, {len(times)} steps"})
+                                          f"{run['run_stagger']} steps, {len(times)} steps"
+                                          + (f", collections every {run['run_gc_every']}" if run.get("run_gc_every") else "")})
+    docs1, docs8 = load(prefix, "2gpu-docs1"), load(prefix, "2gpu-docs8")
+    if docs1 and docs8:  # sdpa's masked kernel (position ids restart in each sequence) against the causal one
+        flat["packed_docs8_over_docs1_2gpu"] = docs8["rosa_tok_s_per_gpu"] / docs1["rosa_tok_s_per_gpu"]
+    loading = load(prefix, "8b-loading")
+    if loading:
+        own, plugin = loading["launch_local_sh_fsdp_true_streamed"], loading["accelerate_fsdp2_plugin_whole_then_sharded"]
+        flat.update(host_rss_anon_gib_8b_folder_per_rank=own["rss_anon_mib"] / 1024,
+                    host_rss_file_gib_8b_folder_per_rank=own["rss_file_mib"] / 1024,
+                    gpu_used_gib_8b_folder_streamed=own["gpu_used_mib"] / 1024,
+                    gpu_used_gib_8b_folder_accelerate_plugin=plugin["gpu_used_mib"] / 1024,
+                    tok_s_8b_folder_streamed_over_accelerate_plugin=own["tok_s_per_gpu"] / plugin["tok_s_per_gpu"])
     ckpt = load(prefix, "2gpu-rosa-ckpt")
     if ckpt:
         flat.update(peak_gib_8b_ckpt_2gpu=ckpt["rosa_peak_gib"], tok_s_8b_ckpt_2gpu=ckpt["rosa_tok_s_per_gpu"])
@@ -86,7 +102,7 @@ def plot(prefix: str, flat: dict) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{prefix}-speed.png", dpi=120)
-    run = load(prefix, "2gpu-run-stagger")
+    run = load(prefix, "2gpu-run-gc") or load(prefix, "2gpu-run-stagger")
     if run:
         fig, ax = plt.subplots(figsize=(7, 3))
         times = [t * 1e3 for t in run["run_step_s_each"]]

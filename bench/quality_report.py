@@ -318,16 +318,47 @@ def plot(cells: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def perf_summary(results: dict) -> dict:
+    """Issue #17's quality check: ROSA r=16 on Austen at its sweep's rate with each cheaper resample
+    (``quality.PERF_CHECKS``) against the default, test perplexity per seed; ``_gap_in_std`` is the
+    difference of the means in units of the default's seed standard deviation."""
+    lr = quality.best_lr(results, *ABLATED)
+    rows = {"default": None, **{"_".join(f"{k}={v}" for k, v in a.items()): a for a, _ in quality.PERF_CHECKS}}
+    flat = {"lr": lr}
+    for name, ablation in rows.items():
+        ppl = [r["test_ppl"] for r in sorted(results.values(), key=lambda r: r["spec"]["seed"])
+               if (r["spec"]["corpus"], r["spec"]["method"], r["spec"]["rank"]) == ABLATED
+               and r["spec"]["lr"] == lr and r["spec"].get("ablation") == ablation]
+        if len(ppl) < 2:
+            continue
+        flat.update({f"ppl_{name}": statistics.mean(ppl), f"ppl_{name}_std": statistics.stdev(ppl),
+                     f"ppl_{name}_seeds": ppl})
+    if "ppl_default" in flat:
+        for name in [n for n in rows if n != "default" and f"ppl_{n}" in flat]:
+            flat[f"ppl_{name}_gap_in_std"] = (flat[f"ppl_{name}"] - flat["ppl_default"]) / flat["ppl_default_std"]
+    return flat
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="folders of per-run JSON files from bench/quality.py")
     parser.add_argument("--out", required=True, help="output path prefix, e.g. bench/results/quality-2026-11-29")
     parser.add_argument("--quantized", action="store_true",
                         help="issue #16's rows only: <out>.json with their flat keys, the table on stdout")
+    parser.add_argument("--perf", action="store_true",
+                        help="issue #17's resample options against the default: <out>.json, the rows on stdout")
     args = parser.parse_args()
     results = {k: v for runs in args.runs for k, v in quality.load_results(Path(runs)).items()}
     if not results:
         raise SystemExit(f"quality_report: no run results in {' '.join(args.runs)}")
+    if args.perf:
+        flat = perf_summary(results)
+        if "ppl_default" not in flat:
+            raise SystemExit(f"quality_report: no seeds of the default ROSA r=16 Austen run in {' '.join(args.runs)}")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(flat, indent=1) + "\n")
+        for key in (k for k in flat if k.startswith("ppl_") and k.count("_") >= 1 and not k.endswith(("_std", "_seeds"))):
+            print(f"{key}: {flat[key]:.3f}")
+        return
     if args.quantized:
         flat = quantized_summary(results)
         if "ppl_rosa_nf4_r16" not in flat:

@@ -258,3 +258,24 @@ def test_a_resample_spread_over_steps_trains_and_the_perf_phase_plans_its_checks
     ids = {quality.run_id(s) for s in quality.plan("perf", results)}
     assert ids == {*(f"austen_rosa-r16_lr0.001_s{s}_factorizer=qr_resample_stagger=8" for s in range(3)),
                    "austen_rosa-r16_lr0.001_s1_factorizer=qr", "austen_rosa-r16_lr0.001_s2_factorizer=qr"}
+
+
+def test_perf_report_compares_each_cheaper_resample_with_the_default_in_its_seed_spread():
+    import quality_report
+
+    def result(lr, seed, val, ppl, ablation=None):
+        spec = {"corpus": "austen", "method": "rosa", "rank": 16, "lr": lr, "seed": seed}
+        spec.update({"ablation": ablation} if ablation else {})
+        return quality.run_id(spec), {"spec": spec, "val_loss": val, "test_ppl": ppl, "finite": True}
+
+    qr, spread = {"factorizer": "qr"}, {"factorizer": "qr", "resample_stagger": 8}
+    results = dict([result(3e-4, 0, 3.3, 30.0), result(3e-3, 0, 3.2, 31.0)]
+                   + [result(1e-3, s, 3.1, 25.0 + s / 10) for s in range(3)]
+                   + [result(1e-3, s, 3.1, 25.2 + s / 10, qr) for s in range(3)]
+                   + [result(1e-3, s, 3.1, 25.4, spread) for s in range(3)] + [result(3e-3, 1, 3.0, 20.0, qr)])
+    flat = quality_report.perf_summary(results)
+    assert flat["lr"] == 1e-3 and flat["ppl_default"] == pytest.approx(25.1)
+    assert flat["ppl_default_seeds"] == pytest.approx([25.0, 25.1, 25.2])
+    assert flat["ppl_factorizer=qr"] == pytest.approx(25.3)  # the run at another rate is not one of its seeds
+    assert flat["ppl_factorizer=qr_gap_in_std"] == pytest.approx(2.0)
+    assert flat["ppl_factorizer=qr_resample_stagger=8_gap_in_std"] == pytest.approx(3.0)
