@@ -13,12 +13,12 @@ At the end it writes the merged model (the original architecture, plain weights)
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Union
 
 from transformers import TrainerCallback
 
 from .export import save_merged
-from .resample import resample
 from .resample_schedule import ResampleSchedule
 
 
@@ -37,8 +37,6 @@ class RosaCallback(TrainerCallback):
             raise ValueError(f"resample_every must be >= 1, 'epoch' or None, got {resample_every!r}")
         if resample_stagger < 1 or (isinstance(resample_every, int) and resample_stagger > resample_every):
             raise ValueError(f"resample_stagger must be between 1 and resample_every, got {resample_stagger}")
-        if resample_every == "epoch" and resample_stagger > 1:
-            raise ValueError("resample_stagger needs resample_every in steps, not 'epoch'")
         if rewarm_steps < 0:
             raise ValueError(f"rewarm_steps must be >= 0, got {rewarm_steps}")
         self.resample_every = resample_every
@@ -54,6 +52,21 @@ class RosaCallback(TrainerCallback):
             if state.log_history is not None:
                 state.log_history.append({"step": state.global_step, **record})
 
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        """``"epoch"`` becomes the Trainer's optimizer steps per epoch (its own count: micro-batches over
+        accumulation, rounded up), so an epoch's resample follows the one schedule, re-warmup included,
+        as in rosa-train."""
+        if self.resample_every != "epoch":
+            return
+        try:
+            batches = len(train_dataloader)
+        except TypeError:
+            raise ValueError("resample_every='epoch' needs a train dataset with a length; give a number of steps") from None
+        steps = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        if self.schedule.stagger > steps:
+            raise ValueError(f"resample_stagger ({self.schedule.stagger}) must not exceed the {steps} steps of an epoch")
+        self.schedule.every = steps
+
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         """The Trainer's scheduler set this step's rate; scale it for the re-warmup (the scheduler
         sets the next one from its base rates again, so nothing compounds)."""
@@ -64,11 +77,6 @@ class RosaCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._record(state, self.schedule.after_step(state.global_step, state.max_steps, model, optimizer))
-
-    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.resample_every == "epoch" and state.global_step < state.max_steps:
-            seconds = resample(model, optimizer if self.schedule.reset_optimizer else None)
-            self._record(state, {"resample_s": seconds})
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.merged_dir is not None:

@@ -114,6 +114,39 @@ def test_spread_resamples_and_rewarmup_follow_rosa_trains_schedule(tmp_path):
     assert rates == pytest.approx(want, rel=1e-9) and rates[4] == pytest.approx(1e-2 / 3)
 
 
+@pytest.mark.parametrize("blocks, accumulation, per_epoch", [(16, 1, 4), (20, 2, 3)])
+def test_epoch_schedule_resamples_at_each_epochs_end_with_its_rewarmup(tmp_path, blocks, accumulation, per_epoch):
+    """"epoch" is the Trainer's optimizer steps per epoch (5 micro-batches over 2 accumulate into 3 steps):
+    resamples at the ends of epochs 1 and 2 (not after the last step), and the re-warmup after each."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from rosa_scale.schedule import lr_factor
+
+    rates, ends = {}, []
+
+    class Rate(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            rates[state.global_step] = optimizer.param_groups[0]["lr"]
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            ends.append(state.global_step)
+
+    tokenizer = tiny_tokenizer()
+    model = apply_rosa(tiny_llama(len(tokenizer)), RosaConfig(rank=4))
+    rosa = RosaCallback(resample_every="epoch", rewarm_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=3, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accumulation, learning_rate=1e-2,
+                             lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer, n=blocks), data_collator=default_data_collator,
+            callbacks=[rosa, Rate()]).train()
+    assert ends == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert [step for step, _ in rosa.events] == ends[:2]
+    want = {s: 1e-2 * lr_factor(s, total_steps=3 * per_epoch, warmup_steps=0, schedule="constant",
+                                resample_every=per_epoch, rewarm_steps=2) for s in range(3 * per_epoch)}
+    assert rates == pytest.approx(want, rel=1e-9) and rates[per_epoch] == pytest.approx(1e-2 / 3)
+
+
 @pytest.fixture(scope="module")
 def one_process_trainer(tmp_path_factory):
     """tests/trainer_worker.py in one process, 4 sequences per step: the reference of the 2-process runs."""
