@@ -200,7 +200,6 @@ def _start(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> TrainingRun:
     """Everything before the first step: the processes, the output directory's lock, the checkpoint
     to continue from, data, model, optimizer, schedule, the start line and the first evaluation."""
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
 
     accelerator, trackers, others, accelerate_fsdp, deepspeed = _accelerator(cfg)
     set_seed(cfg.seed)
@@ -215,25 +214,10 @@ def _start(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> TrainingRun:
         tokenizer = load_tokenizer(model_path)
         train_set, eval_set = build_datasets(cfg, tokenizer, model_path)
     prepared = prepare_model(cfg, accelerator, model_path, accelerate_fsdp=accelerate_fsdp, deepspeed=deepspeed)
-    model, own_fsdp = prepared.model, prepared.own_fsdp
+    model = prepared.model
     params = adapter_parameters(model)
-    optimizer = torch_optimizer = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
-    if own_fsdp:  # already sharded: accelerate must not wrap it again (DDP)
-        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
-    else:
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    if deepspeed:
-        from .safe_load import protect_deepspeed_engine
-
-        protect_deepspeed_engine(model)  # its checkpoints are read without running code
-    if prepared.split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
-        resample(model, optimizer, index=0)
-    module = model if own_fsdp else accelerator.unwrap_model(model)  # the plain model, for ROSA and saving
-    if cfg.loss_chunk_tokens:
-        check_chunkable(module)
+    model, module, optimizer, torch_optimizer, train_loader, eval_loader = _prepare_for_engine(
+        cfg, accelerator, prepared, params, train_set, eval_set, deepspeed=deepspeed)
 
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -259,13 +243,7 @@ def _start(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> TrainingRun:
     _say_start(run, train_set, eval_set, params)
     if overridden:
         accelerator.print(f"rosa-train: resuming with new values of {', '.join(overridden)} (resume_override)")
-
-    if others:
-        accelerator.init_trackers("rosa-train", config=flat_config(to_dict(cfg)))
-    run.metrics = MetricsWriter(out, enabled=accelerator.is_main_process,
-                                resumed_at=None if resume_from is None else run.step,
-                                tensorboard="tensorboard" in trackers, forward=accelerator.log if others else None)
-    held.append(run.metrics)
+    _open_metrics(run, out, trackers, others, resumed=resume_from is not None)
     if resume_from is None:
         run.eval_before = run.evaluate()
         run.metrics.log(0, eval_loss=run.eval_before, eval_ppl=perplexity(run.eval_before))
@@ -273,6 +251,43 @@ def _start(cfg: TrainConfig, watch: PreemptionWatch, held: list) -> TrainingRun:
     else:
         accelerator.print(f"resumed from {resume_from} at step {run.step} (resample {rosa_state(module).split_index})")
     return run
+
+
+def _prepare_for_engine(cfg: TrainConfig, accelerator, prepared, params, train_set, eval_set, *, deepspeed: bool):
+    """Optimizer and data loaders, handed with the model to accelerate (the model only where it is not
+    sharded already), then the first split where it waits for the shards. Returns the engine's model,
+    the plain module (for ROSA and saving), the engine's and torch's optimizers and the loaders."""
+    from torch.utils.data import DataLoader
+
+    model = prepared.model
+    optimizer = torch_optimizer = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = DataLoader(eval_set, batch_size=cfg.batch_size)
+    if prepared.own_fsdp:  # already sharded: accelerate must not wrap it again (DDP)
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if deepspeed:
+        from .safe_load import protect_deepspeed_engine
+
+        protect_deepspeed_engine(model)  # its checkpoints are read without running code
+    if prepared.split_after_prepare:  # on the shards, spread over ranks; DeepSpeed may hold optimizer state already
+        resample(model, optimizer, index=0)
+    module = model if prepared.own_fsdp else accelerator.unwrap_model(model)
+    if cfg.loss_chunk_tokens:
+        check_chunkable(module)
+    return model, module, optimizer, torch_optimizer, train_loader, eval_loader
+
+
+def _open_metrics(run: TrainingRun, out: Path, trackers, others, *, resumed: bool) -> None:
+    """metrics.jsonl (appended to after a resume), TensorBoard and the other trackers, main process only."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if others:
+        accelerator.init_trackers("rosa-train", config=flat_config(to_dict(cfg)))
+    run.metrics = MetricsWriter(out, enabled=accelerator.is_main_process, resumed_at=run.step if resumed else None,
+                                tensorboard="tensorboard" in trackers, forward=accelerator.log if others else None)
+    run.held.append(run.metrics)
 
 
 def _say_start(run: TrainingRun, train_set, eval_set, params) -> None:
