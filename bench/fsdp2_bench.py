@@ -74,6 +74,7 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer before sharding (rosa-train's default on GPUs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of each decoder layer")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (rosa-train's attn_implementation)")
     p.add_argument("--docs-per-block", type=int, default=1,
                    help="N documents per sequence, kept apart by restarting position ids (packing: documents)")
     p.add_argument("--profile", type=int, default=0,
@@ -151,11 +152,11 @@ def build_model(args, dev: torch.device):
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
         model.config.use_cache = False
         return model
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
     model.config.use_cache = False
     return model
 

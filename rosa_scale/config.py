@@ -15,6 +15,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+# transformers' attention implementations (its AttentionInterface plus eager)
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used; the message names it."""
@@ -149,6 +152,11 @@ class TrainConfig:
     DDP or fsdp: true, except with a quantized base (whose stack grows at each resample); not under
     DeepSpeed or accelerate's FSDP plugin. true compiles in those cases too, and says in one line why
     it cannot where it cannot."""
+    attn_implementation: Union[str, None] = None
+    """The attention kernel, as transformers names it: sdpa (its default), eager, flex_attention
+    (block-sparse masks, so packed documents need no dense mask), flash_attention_2/3 where installed
+    (packing then puts one document per block: their packed path needs a batch of one). null: the
+    model's default."""
     gc_every: Union[int, None] = 50
     """Python's automatic garbage collection stays off while training; every process collects the young
     generations together every N optimizer steps instead. A collection that starts at a random moment
@@ -273,6 +281,9 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if isinstance(value, int) and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1 or null, got {value}")
+    if cfg.attn_implementation not in (None, *ATTENTION):
+        raise ConfigError(f"config key 'attn_implementation' must be one of {', '.join(ATTENTION)} or null, "
+                          f"got {cfg.attn_implementation!r}")
     if cfg.lr <= 0:
         raise ConfigError(f"config key 'lr' must be > 0, got {cfg.lr}")
     if cfg.epochs <= 0:

@@ -196,7 +196,7 @@ def build_datasets(cfg, tokenizer, model_path: str | None = None) -> tuple[Datas
     train_docs, eval_docs = train_eval_split(train_docs, eval_docs, cfg.eval_fraction, cfg.seed, source=cfg.dataset)
     held_source = cfg.eval_dataset or f"the held-out part of {cfg.dataset}"
     kind = data_format(train_docs)
-    mode = resolve_mode(cfg.packing, model_path, plain_text=kind == "text")
+    mode = resolve_mode(cfg.packing, model_path, plain_text=kind == "text", attn_implementation=cfg.attn_implementation)
     if kind != "text":  # chat or instruction data: the loss on the answers only
         if data_format(eval_docs) != kind:
             raise DataError(f"{held_source} is not {kind} data like {cfg.dataset}")

@@ -40,9 +40,14 @@ def load_tokenizer(path: str):
     return _load(AutoTokenizer, path)
 
 
-def load_model(path: str, dtype: str = "float32"):
+def attention(attn_implementation: str | None) -> dict:
+    """The ``attn_implementation`` keyword for transformers' loaders: none where the model's default stands."""
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None):
     """Every process must call this together: under DeepSpeed ZeRO-3, transformers partitions
     the weights while loading (a collective)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
+    return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype], **attention(attn_implementation))

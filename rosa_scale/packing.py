@@ -15,7 +15,7 @@ from .data_checks import DataError
 
 IGNORE = -100
 MODES = ("auto", "documents", "padded", "concatenated")
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")  # their masks come from create_causal_mask
 
 
 class _Seen(Exception):
@@ -65,7 +65,7 @@ def keeps_documents_apart(config) -> bool:
     return bool(seen) and all(seen)
 
 
-def resolve_mode(mode: str, model_path: str | None, *, plain_text: bool) -> str:
+def resolve_mode(mode: str, model_path: str | None, *, plain_text: bool, attn_implementation: str | None = None) -> str:
     """``documents``, ``padded`` or ``concatenated`` for a run: ``auto`` asks the model's class;
     ``documents`` for a model that cannot keep documents apart, or ``concatenated`` with chat data,
     is one ``DataError`` line."""
@@ -80,10 +80,13 @@ def resolve_mode(mode: str, model_path: str | None, *, plain_text: bool) -> str:
         if model_path is None:
             raise ValueError(f"packing {mode!r} asks the model whether it keeps documents apart: give its path")
         config = AutoConfig.from_pretrained(model_path)
+        if attn_implementation:
+            config._attn_implementation_internal = attn_implementation
         if not keeps_documents_apart(config):
             if mode == "documents":
+                what = f"{config.model_type} with {attn_implementation}" if attn_implementation else config.model_type
                 raise DataError(f"packing 'documents' needs a model whose attention keeps packed documents apart "
-                                f"({config.model_type} does not): use 'padded'")
+                                f"({what} does not): use 'padded'")
             return "padded"
     return "documents" if mode == "auto" else mode
 

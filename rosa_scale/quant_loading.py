@@ -16,7 +16,7 @@ import torch
 
 from .config import RosaConfig
 from .layer import is_linear
-from .loading import DTYPES, ModelLoadError, _load
+from .loading import DTYPES, ModelLoadError, _load, attention
 from .model import find_target_modules
 from .quant import bitsandbytes
 
@@ -44,14 +44,16 @@ def is_prequantized(path: str) -> bool:
     return getattr(_load(AutoConfig, path), "quantization_config", None) is not None
 
 
-def load_quantized_model(path: str, dtype: str, rosa: RosaConfig, device: torch.device):
+def load_quantized_model(path: str, dtype: str, rosa: RosaConfig, device: torch.device,
+                         attn_implementation: str | None = None):
     """The model at ``path`` in ``dtype`` on ``device``, its ROSA targets quantized as ``rosa.quantize``
     says, or as saved for a model stored quantized (``rosa.quantize`` must then be 'none' or the same:
     ``apply_rosa`` checks it). Loaded straight to ``device``: a quantized model cannot be moved later."""
     from transformers import AutoModelForCausalLM
 
     extra = {} if is_prequantized(path) else {"quantization_config": bnb_config(rosa, path, dtype)}
-    return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype], device_map={"": device}, **extra)
+    return _load(AutoModelForCausalLM, path, dtype=DTYPES[dtype], device_map={"": device}, **extra,
+                 **attention(attn_implementation))
 
 
 class OriginalWeights(Mapping):

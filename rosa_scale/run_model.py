@@ -35,11 +35,11 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
     own_fsdp = cfg.fsdp and not (accelerate_fsdp or deepspeed)
     streamed = own_fsdp and not quantized and can_stream(model_path)  # read into its shards after sharding
     if quantized:  # quantized while loading, on its device: never whole in the model's dtype
-        model = load_quantized_model(model_path, cfg.model_dtype, cfg.rosa, device)
+        model = load_quantized_model(model_path, cfg.model_dtype, cfg.rosa, device, cfg.attn_implementation)
     elif streamed:
-        model = empty_model(model_path, cfg.model_dtype)
+        model = empty_model(model_path, cfg.model_dtype, cfg.attn_implementation)
     else:
-        model = load_model(model_path, cfg.model_dtype)
+        model = load_model(model_path, cfg.model_dtype, cfg.attn_implementation)
     if not (deepspeed or quantized or streamed):  # DeepSpeed places (and may already have partitioned) the weights
         if accelerate_fsdp:
             _refuse_whole_model_beyond_gpu(model, device)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .loading import DTYPES, ModelLoadError, _load
+from .loading import DTYPES, ModelLoadError, _load, attention
 from .model import rosa_layers
 
 
@@ -32,7 +32,7 @@ def can_stream(path: str) -> bool:
     return getattr(_load(AutoConfig, path), "quantization_config", None) is None
 
 
-def empty_model(path: str, dtype: str) -> nn.Module:
+def empty_model(path: str, dtype: str, attn_implementation: str | None = None) -> nn.Module:
     """The model of folder ``path`` with every parameter on the meta device (no memory) and its
     buffers computed on the CPU, in ``dtype``; its generation config read as ``from_pretrained`` would."""
     from accelerate import init_empty_weights
@@ -40,7 +40,7 @@ def empty_model(path: str, dtype: str) -> nn.Module:
 
     config = _load(AutoConfig, path)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], **attention(attn_implementation))
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model

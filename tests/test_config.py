@@ -21,6 +21,8 @@ def test_defaults_and_overrides(tmp_path):
     ({"rosa.method": "qr", "rosa.sampling": "top"}, "with method 'qr'"),
     ({"eval_fraction": 1.0}, "eval_fraction"),
     ({"rosa": 3}, "must be a mapping"),
+    ({"attn_implementation": "flash"}, "'attn_implementation' must be one of sdpa, eager, flex_attention"),
+    ({"gc_every": 0}, "'gc_every' must be >= 1 or null, got 0"),
 ])
 def test_invalid_values(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -58,3 +58,12 @@ def test_accelerates_fsdp_plugin_refuses_a_model_larger_than_the_gpu_in_one_line
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size, 2 * size))
     _refuse_whole_model_beyond_gpu(model, torch.device("cuda", 0))  # fits: nothing said
     _refuse_whole_model_beyond_gpu(model, torch.device("cpu"))
+
+
+def test_the_attention_kernel_asked_for_is_the_one_built(tiny_model_dir):
+    from rosa_scale.loading import load_model
+    from rosa_scale.sharded_loading import empty_model
+
+    assert load_model(str(tiny_model_dir)).config._attn_implementation == "sdpa"  # transformers' default
+    assert load_model(str(tiny_model_dir), attn_implementation="eager").config._attn_implementation == "eager"
+    assert empty_model(str(tiny_model_dir), "float32", "flex_attention").config._attn_implementation == "flex_attention"
