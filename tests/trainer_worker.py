@@ -5,6 +5,7 @@ right after each step, the losses, the trained model's logits and its full facto
 import argparse
 import importlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,9 @@ def main() -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()  # else the ranks linger at exit (about 30 s under DeepSpeed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # DeepSpeed's threads still held some exits back ~30 s: the results are written
 
 
 if __name__ == "__main__":
