@@ -39,11 +39,11 @@ class Plan:
         return sum(self.parts.values())
 
 
-def meta_model(path: str, dtype: str):
+def meta_model(path: str, dtype: str, attn_implementation: str | None = None):
     """The model of folder ``path`` with its parameters on the meta device."""
     from .sharded_loading import empty_model
 
-    return empty_model(path, dtype)
+    return empty_model(path, dtype, attn_implementation)
 
 
 def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> Plan:
@@ -88,6 +88,9 @@ def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> 
         parts["activations"] = (n_layers * tokens * hidden * compute + 2 * per_layer) / GIB  # activations and their gradients
     else:
         parts["activations"] = n_layers * per_layer / GIB
+    if getattr(config, "_attn_implementation", None) == "eager":  # the others never hold the S x S matrices
+        kept = 1 if cfg.gradient_checkpointing else n_layers
+        parts["attention matrices (eager)"] = kept * eager_attention_bytes(config, cfg, compute) / GIB
     vocab = config.vocab_size
     if cfg.loss_chunk_tokens:
         parts["logits (chunked)"] = min(cfg.loss_chunk_tokens, tokens) * vocab * 4 * CHUNK_LOGIT_COPIES / GIB
@@ -102,11 +105,20 @@ def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> 
     return Plan(layers, factors, total, parts, owners)
 
 
+def eager_attention_bytes(config, cfg: TrainConfig, compute: int) -> int:
+    """One layer's attention probabilities kept for backward by eager attention: the float32 softmax
+    and its copy in the compute dtype, batch x heads x block_size^2 each (computed, not measured)."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    return cfg.batch_size * heads * cfg.block_size ** 2 * (4 + compute)
+
+
 def advice(plan: Plan, cfg: TrainConfig, processes: int, gpu_gib: float) -> list[str]:
     """Settings that lower the peak, the largest part first, when it does not fit."""
     if plan.peak_gib <= gpu_gib:
         return []
     tips = []
+    if "attention matrices (eager)" in plan.parts:
+        tips.append("attn_implementation: sdpa (eager keeps every attention matrix)")
     if not cfg.gradient_checkpointing:
         tips.append("gradient_checkpointing: true (keeps one layer's activations instead of all)")
     if not cfg.loss_chunk_tokens:
@@ -150,7 +162,7 @@ def dry_run(cfg: TrainConfig, processes: int, gpu_gib: float) -> str:
     from .config import to_dict
     from .loading import resolve_model_path
 
-    model = meta_model(resolve_model_path(cfg.model), cfg.model_dtype)
+    model = meta_model(resolve_model_path(cfg.model), cfg.model_dtype, cfg.attn_implementation)
     compiled = cfg.compile is True or (cfg.compile == "auto" and cfg.rosa.quantize == "none")  # auto, on a GPU
     plan = estimate(model, cfg, processes, compiled=compiled)
     return "resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + describe(plan, cfg, processes, gpu_gib)

@@ -59,3 +59,23 @@ def test_dry_run_prints_the_plan_and_what_to_change(tiny_model_dir, tmp_path, ca
     assert "does NOT fit" in text and "gradient_checkpointing: true" in text and "batch_size: 4 with grad_accum: 2" in text
     assert not out.exists()
     assert main(["--dry-run", "--model", str(tiny_model_dir), "--processes", "zero"]) == 2
+
+
+def test_eager_attention_adds_its_attention_matrices_and_the_advice_to_leave_it(folders):
+    """Eager attention keeps batch x heads x S^2 probabilities (float32 and bf16) per layer for backward;
+    sdpa and flex attention never hold them. With checkpointing only the recomputed layer's stay."""
+    cfg = dict(model=str(folders["8b"]), model_dtype="bfloat16", mixed_precision="bf16", fsdp=True, batch_size=2,
+               block_size=2048, rosa={"rank": 16, "target_modules": TARGETS})
+    sdpa = estimate(meta_model(str(folders["8b"]), "bfloat16"), load_config(overrides=cfg), 2)
+    eager_model = meta_model(str(folders["8b"]), "bfloat16", "eager")
+    eager = estimate(eager_model, load_config(overrides={**cfg, "attn_implementation": "eager"}), 2)
+    one_layer = 2 * 32 * 2048 ** 2 * (4 + 2) / 2 ** 30  # 1.5 GiB
+    assert "attention matrices (eager)" not in sdpa.parts
+    assert eager.parts["attention matrices (eager)"] == pytest.approx(32 * one_layer)
+    assert eager.peak_gib - sdpa.peak_gib == pytest.approx(32 * one_layer)
+    checkpointed = estimate(eager_model, load_config(overrides={**cfg, "attn_implementation": "eager",
+                                                                 "gradient_checkpointing": True}), 2)
+    assert checkpointed.parts["attention matrices (eager)"] == pytest.approx(one_layer)
+    from rosa_scale.memory_plan import advice
+
+    assert advice(eager, load_config(overrides=cfg), 2, 40.0)[0].startswith("attn_implementation: sdpa")
