@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from .data_checks import DataError
+from .loading import attention
 
 IGNORE = -100
 MODES = ("auto", "documents", "padded", "concatenated")
@@ -79,9 +80,7 @@ def resolve_mode(mode: str, model_path: str | None, *, plain_text: bool, attn_im
 
         if model_path is None:
             raise ValueError(f"packing {mode!r} asks the model whether it keeps documents apart: give its path")
-        config = AutoConfig.from_pretrained(model_path)
-        if attn_implementation:
-            config._attn_implementation_internal = attn_implementation
+        config = AutoConfig.from_pretrained(model_path, **attention(attn_implementation))
         if not keeps_documents_apart(config):
             if mode == "documents":
                 what = f"{config.model_type} with {attn_implementation}" if attn_implementation else config.model_type
