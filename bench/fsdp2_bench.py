@@ -152,11 +152,11 @@ def build_model(args, dev: torch.device):
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
         model.config.use_cache = False
         return model
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=getattr(args, "attn", "sdpa"))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
     model.config.use_cache = False
     return model
 
@@ -222,6 +222,24 @@ def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.T
         opt.zero_grad(set_to_none=True)
 
 
+def fixed_collections(every: int):
+    """With ``every`` (``--gc-every``): automatic collection off now, and a function to call after each
+    timed step (1-based) that collects the young generations every ``every`` steps, inside the step, at
+    the same steps on every rank (a pause on one rank otherwise lands in a different step on each);
+    ``collect(None)`` turns automatic collection back on. Without: a function that does nothing."""
+    if not every:
+        return lambda step: None
+    gc.collect()
+    gc.disable()
+
+    def collect(step):
+        if step is None:
+            gc.enable()
+        elif step % every == 0:
+            gc.collect(1)
+    return collect
+
+
 def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
     """Median step time over ``args.steps`` after ``args.warmup``; tokens/s per GPU and peak GiB.
 
@@ -230,21 +248,16 @@ def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    every = args.gc_every
-    if every:  # a collection pause lands inside one step, at a different time on every rank
-        gc.collect()
-        gc.disable()
+    collect = fixed_collections(args.gc_every)
     for i in range(args.warmup + args.steps):
         sync(dev)
         start = time.perf_counter()
         step(model, opt, ids)
-        if every and (i + 1) % every == 0:
-            gc.collect(1)
+        collect(i + 1)
         sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    if every:
-        gc.enable()
+    collect(None)
     times = all_max(times, dev)
     peak = all_max([gib_allocated(dev, peak=True)], dev)[0]
     step = statistics.median(times)
@@ -404,10 +417,7 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
     model.rosa_state.config.method = args.run_method
     ids = make_batch(args, dev)
     times, resampling = [], []
-    every = args.gc_every
-    if every:  # as in time_steps: collections at the same steps on every rank, inside the timed step
-        gc.collect()
-        gc.disable()
+    collect = fixed_collections(args.gc_every)
     for step in range(1, args.run_steps + 1):
         sync(dev)
         start = time.perf_counter()
@@ -415,14 +425,12 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
         part = resample_part(step, args.resample_every, args.stagger, args.run_steps + 1)
         if part is not None:
             resample(model, opt, part=(part, args.stagger) if args.stagger > 1 else None)
-        if every and step % every == 0:
-            gc.collect(1)
+        collect(step)
         sync(dev)
         times.append(time.perf_counter() - start)
         if part is not None:
             resampling.append(step)
-    if every:
-        gc.enable()
+    collect(None)
     times = all_max(times, dev)
     plain = [t for i, t in enumerate(times, 1) if i not in resampling]
     median = statistics.median(plain)
@@ -432,7 +440,7 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
     return {"run_step_s_each": [round(t, 4) for t in times], "run_resample_steps": resampling,
             "run_median_step_s": median, "run_max_step_over_median": max(times) / median,
             "run_resample_overhead_frac": extra / sum(plain), "run_resample_every": args.resample_every,
-            "run_stagger": args.stagger, "run_method": args.run_method, "run_gc_every": every}
+            "run_stagger": args.stagger, "run_method": args.run_method, "run_gc_every": args.gc_every}
 
 
 def free_memory(dev: torch.device) -> None:
@@ -481,7 +489,7 @@ def header(args, dev: torch.device) -> dict:
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
         "gc_every": args.gc_every, "shape": args.shape, "meta_init": args.meta_init, "compile": args.compile, "checkpointing": args.checkpointing,
         "loss_chunk": args.loss_chunk, "docs_per_block": args.docs_per_block,
-        "attn": "sdpa", "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
+        "attn": args.attn, "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
     }
 
