@@ -147,6 +147,20 @@ def test_epoch_schedule_resamples_at_each_epochs_end_with_its_rewarmup(tmp_path,
     assert rates == pytest.approx(want, rel=1e-9) and rates[per_epoch] == pytest.approx(1e-2 / 3)
 
 
+def test_an_epoch_shorter_than_the_spread_is_one_line_before_training(tmp_path):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    tokenizer = tiny_tokenizer()
+    model = apply_rosa(tiny_llama(len(tokenizer)), RosaConfig(rank=4))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=4,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Blocks(tokenizer, n=16), data_collator=default_data_collator,
+                      callbacks=[RosaCallback(resample_every="epoch", resample_stagger=5)])
+    with pytest.raises(ValueError, match=r"resample_stagger \(5\) must not exceed the 4 steps of an epoch"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 @pytest.fixture(scope="module")
 def one_process_trainer(tmp_path_factory):
     """tests/trainer_worker.py in one process, 4 sequences per step: the reference of the 2-process runs."""
