@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
-MODES = ("frozen", "peft_lora", "rosa")
+MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -288,13 +288,15 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     return model, opt, {}
 
 
-def setup_rosa(args, dev: torch.device) -> tuple:
-    """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, AdamW."""
+def setup_rosa(args, dev: torch.device, fused: bool = True) -> tuple:
+    """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, AdamW.
+    ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused)."""
     from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
     from rosa_scale.engines.fsdp2 import shard_model
 
     model = build_model(args, dev)
-    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed), split=False)
+    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused),
+               split=False)
     policy = mp_policy(dev)
     prepare_layers(model, args, dev)
     shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
@@ -372,7 +374,8 @@ def time_resample(model, opt, method: str, dev: torch.device) -> dict:
 
 def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     """Fresh model for ``mode``: timed steps (then resamples, for rosa) into ``result``, saved as they come."""
-    setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa}[mode]
+    setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa,
+             "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False)}[mode]
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

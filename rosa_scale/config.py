@@ -72,6 +72,10 @@ class RosaConfig:
     """Storage of the stack of finished windows with a quantized base. bf16 rounds each folded
     update by ~2^-9 of the update itself (its factors are differences); float32 keeps it exactly
     at twice the memory."""
+    fused: bool = True
+    """Compute each adapted layer as one autograd node whose adapter terms are added inside the base
+    layer's GEMMs (rosa_scale/fused_linear.py) wherever that is the same function (a plain linear
+    layer without hooks, one dtype, autocast off); false: base and factors as separate operations."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .factorize import merge, round_to, split
+from .fused_linear import FusedRosaLinear, fusable
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -63,6 +64,7 @@ class RosaLinear(nn.Module):
         self.rank = rank
         self.out_features, self.in_features = out_features, in_features  # params may be partitioned later
         self.transposed = not isinstance(base, nn.Linear)
+        self.fused = type(base) in LINEAR_TYPES  # see rosa_scale/fused_linear.py; False: separate operations
         device = base.weight.device
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
         self.down = nn.Parameter(torch.zeros(rank, in_features, dtype=adapter_dtype, device=device))
@@ -103,6 +105,9 @@ class RosaLinear(nn.Module):
         return merge(self.fixed_weight(), self.up, self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fusable(self.base, x, self.down, self.up):
+            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down, self.up,
+                                         self.transposed)
         out = self.base(x)
         delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
         return out + delta.to(out.dtype)

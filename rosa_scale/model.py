@@ -174,6 +174,7 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
             wrapped = wrap_quantized(layer, ranks[n], config, dtype, model_dtype, original)
         else:
             wrapped = RosaLinear(layer, ranks[n], dtype)
+            wrapped.fused = wrapped.fused and config.fused
         _set_submodule(model, n, wrapped)
     if any(isinstance(layer, QuantRosaLinear) for layer in rosa_layers(model).values()):
         ignore_in_ddp(model)

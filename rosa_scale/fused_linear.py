@@ -1,0 +1,65 @@
+"""``base(x) + up(down(x))`` as one autograd node whose adapter terms ride inside the base's GEMMs.
+
+Run as separate operations, the adapter writes an output-sized ``up(down(x))`` and the sum reads it
+back (forward), and its input gradient ``grad_h @ down`` is written and then added to the base's
+(backward): memory-bound passes over activation-sized tensors around matmuls that are otherwise
+compute-bound. Here the thin product is written once and the base GEMM reads it as its accumulator
+(``addmm`` with beta=1, read inside the GEMM's epilogue), forward and backward; ``down(x)`` is kept
+for the backward instead of recomputed. Same function and gradients (tests/test_fused_linear.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class FusedRosaLinear(torch.autograd.Function):
+    """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, transposed: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ down.t()
+        acc = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
+        out = torch.addmm(acc, x2, weight if transposed else weight.t())
+        ctx.save_for_backward(x, weight, down, up, h)
+        ctx.transposed = transposed
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, down, up, h = ctx.saved_tensors
+        need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_h = g @ up if (need_x or need_down) else None
+        grad_x = grad_w = grad_b = grad_down = grad_up = None
+        if need_x:
+            w = weight.t() if ctx.transposed else weight  # (out, in)
+            grad_x = torch.addmm(grad_h @ down, g, w).view(x.shape)
+        if need_w:
+            grad_w = x2.t() @ g if ctx.transposed else g.t() @ x2
+        if need_b:
+            grad_b = g.sum(0).reshape(ctx.bias_shape)
+        if need_down:
+            grad_down = grad_h.t() @ x2
+        if need_up:
+            grad_up = g.t() @ h
+        return grad_x, grad_w, grad_b, grad_down, grad_up, None
+
+
+def fusable(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the fused node computes exactly what ``base(x) + up(down(x))`` does here.
+
+    Only a plain layer whose forward is its class's own and has no hooks (ZeRO-3 gathers weights in
+    hooks; accelerate's offload replaces ``forward``), all in one floating dtype, autocast off."""
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    weight, bias = base.weight, getattr(base, "bias", None)
+    dtypes = {x.dtype, weight.dtype, down.dtype, up.dtype} | ({bias.dtype} if bias is not None else set())
+    return len(dtypes) == 1 and x.dtype.is_floating_point and x.dim() >= 1

@@ -1,0 +1,105 @@
+"""The fused ROSA layer computes the reference function and gradients, and steps aside where it cannot."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from rosa_scale import RosaConfig, apply_rosa
+from rosa_scale.layer import RosaLinear
+from tests.tiny import tiny_llama
+
+
+def _layer(base: nn.Module, dtype: torch.dtype, fused: bool, seed: int = 0) -> RosaLinear:
+    torch.manual_seed(seed)
+    for p in base.parameters():
+        nn.init.normal_(p)
+    layer = RosaLinear(base.to(dtype), rank=3, adapter_dtype=dtype)
+    with torch.no_grad():
+        layer.up.normal_()
+        layer.down.normal_()
+    layer.fused = fused
+    return layer
+
+
+def _reference_float64(layer: RosaLinear, x: torch.Tensor):
+    """The layer's function and gradients written out in float64 from its parameters."""
+    w = layer.fixed_weight().detach().double()
+    bias = layer.base.bias.detach().double() if getattr(layer.base, "bias", None) is not None else 0.0
+    up = layer.up.detach().double().requires_grad_()
+    down = layer.down.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out = x64 @ w.T + bias + (x64 @ down.T) @ up.T
+    return out, x64, up, down
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-bias", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_layer_matches_float64_reference_in_value_and_gradients(kind, dtype):
+    base = {"linear": lambda: nn.Linear(12, 7, bias=False), "linear-bias": lambda: nn.Linear(12, 7),
+            "conv1d": lambda: Conv1D(7, 12)}[kind]()
+    layer = _layer(base, dtype, fused=True)
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(2, 5, 7, dtype=dtype)
+    out = layer(x)
+    assert out.grad_fn is not None and "FusedRosaLinear" in type(out.grad_fn).__name__
+    out.backward(grad_out)
+    ref, x64, up, down = _reference_float64(layer, x)
+    ref.backward(grad_out.double())
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    scale = ref.abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= tol * scale
+    for got, want in ((x.grad, x64.grad), (layer.up.grad, up.grad), (layer.down.grad, down.grad)):
+        assert got.shape == want.shape
+        assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
+    assert layer.base.weight.grad is None
+
+
+def test_fused_and_separate_operations_agree_including_a_trainable_bias():
+    fused, separate = (_layer(nn.Linear(10, 6), torch.float64, fused=f) for f in (True, False))
+    for layer in (fused, separate):
+        layer.base.bias.requires_grad_(True)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    grads = []
+    for layer in (fused, separate):
+        xi = x.clone().requires_grad_()
+        layer(xi).square().sum().backward()
+        grads.append([xi.grad, layer.up.grad, layer.down.grad, layer.base.bias.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_steps_aside_for_hooks_mixed_dtypes_and_autocast():
+    layer = _layer(nn.Linear(8, 4), torch.float32, fused=True)
+    x = torch.randn(3, 8)
+
+    def node(module, inp):
+        return type(module(inp).grad_fn).__name__
+
+    assert "FusedRosaLinear" in node(layer, x)
+    handle = layer.base.register_forward_pre_hook(lambda m, a: None)  # e.g. ZeRO-3 gathering the weight
+    assert "FusedRosaLinear" not in node(layer, x)
+    handle.remove()
+    mixed = RosaLinear(nn.Linear(8, 4).to(torch.bfloat16), rank=2, adapter_dtype=torch.float32)
+    assert "FusedRosaLinear" not in node(mixed, x.to(torch.bfloat16))  # bf16 base, fp32 factors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "FusedRosaLinear" not in node(layer, x)
+    layer.fused = False
+    assert "FusedRosaLinear" not in node(layer, x)
+
+
+def test_apply_rosa_fused_config_gives_the_same_model_loss_and_gradients():
+    batch = torch.randint(0, 100, (2, 16))
+    results = []
+    for fused in (True, False):
+        model = tiny_llama().double()
+        apply_rosa(model, RosaConfig(rank=4, fused=fused, adapter_dtype="float32"))
+        model.double()
+        assert all(layer.fused == fused for layer in model.modules() if isinstance(layer, RosaLinear))
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_f, grads_f), (loss_s, grads_s) = results
+    torch.testing.assert_close(loss_f, loss_s, rtol=1e-12, atol=1e-12)
+    assert grads_f.keys() == grads_s.keys() and len(grads_f) > 0
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_s[name], rtol=1e-10, atol=1e-12)
