@@ -9,38 +9,21 @@ backward instead of recomputed. Same function and gradients (tests/test_fused_li
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
 
-@torch.library.custom_op("rosa_scale::adapted_forward", mutates_args=())
-def adapted_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], down: torch.Tensor,
-                    up: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``x2 @ W^T + bias + h @ up^T``, ``h = x2 @ down^T``) for 2-D ``x2``: the base GEMM accumulates in place
-    into the thin product. An opaque op, so a compiler keeps the in-place accumulation (an out-of-place
-    ``addmm`` would copy its accumulator first: a pass as costly as the add it replaces)."""
-    h = x2 @ down.t()
-    acc = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
-    return acc.addmm_(x2, weight if transposed else weight.t()), h
+@torch.library.custom_op("rosa_scale::accumulate_mm", mutates_args=("acc",))
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot
+    see into, so it stays in place (traced as ``addmm``, it becomes out-of-place and copies ``acc`` first:
+    a pass as costly as the add it replaces); compiled graphs call it on a buffer no one else reads."""
+    acc.addmm_(a, b)
 
 
-@adapted_forward.register_fake
-def _(x2, weight, bias, down, up, transposed):
-    return x2.new_empty(x2.shape[0], up.shape[0]), x2.new_empty(x2.shape[0], down.shape[0])
-
-
-@torch.library.custom_op("rosa_scale::adapted_input_grad", mutates_args=())
-def adapted_input_grad(grad_out: torch.Tensor, grad_h: torch.Tensor, weight: torch.Tensor, down: torch.Tensor,
-                       transposed: bool) -> torch.Tensor:
-    """``grad_out @ W + grad_h @ down`` (2-D), the base GEMM accumulating in place into the thin product."""
-    return (grad_h @ down).addmm_(grad_out, weight.t() if transposed else weight)
-
-
-@adapted_input_grad.register_fake
-def _(grad_out, grad_h, weight, down, transposed):
-    return grad_out.new_empty(grad_out.shape[0], down.shape[1])
+@accumulate_mm.register_fake
+def _(acc, a, b) -> None:
+    return None
 
 
 class FusedRosaLinear(torch.autograd.Function):
@@ -49,7 +32,9 @@ class FusedRosaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, transposed: bool):
         x2 = x.reshape(-1, x.shape[-1])
-        out, h = adapted_forward(x2, weight, bias, down, up, transposed)
+        h = x2 @ down.t()
+        out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
+        accumulate_mm(out, x2, weight if transposed else weight.t())
         ctx.save_for_backward(x, weight, down, up, h)
         ctx.transposed = transposed
         ctx.bias_shape = None if bias is None else bias.shape
@@ -64,7 +49,9 @@ class FusedRosaLinear(torch.autograd.Function):
         grad_h = g @ up if (need_x or need_down) else None
         grad_x = grad_w = grad_b = grad_down = grad_up = None
         if need_x:
-            grad_x = adapted_input_grad(g, grad_h, weight, down, ctx.transposed).view(x.shape)
+            grad_x = grad_h @ down
+            accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
+            grad_x = grad_x.view(x.shape)
         if need_w:
             grad_w = x2.t() @ g if ctx.transposed else g.t() @ x2
         if need_b:
