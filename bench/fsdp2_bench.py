@@ -80,6 +80,9 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile N steps of each mode: GPU kernel ms by kind (bench/step_profile.py), "
                         "key-averages table in <out>-<mode>-profile.txt")
+    p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
+                   help="torch AdamW's implementation for the adapters (fused on CUDA: rosa-train's and transformers "
+                        "Trainer's default)")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
@@ -276,6 +279,11 @@ def setup_frozen(args, dev: torch.device) -> tuple:
     return model, None, {}
 
 
+def adamw(params: list, args, dev: torch.device) -> torch.optim.Optimizer:
+    """AdamW at lr 1e-4, fused on CUDA unless ``--adamw foreach``."""
+    return torch.optim.AdamW(params, lr=1e-4, fused=(args.adamw == "fused" and dev.type == "cuda") or None)
+
+
 def setup_peft_lora(args, dev: torch.device) -> tuple:
     """PEFT LoRA on the seven projections (fp32 adapters: PEFT's default upcast), AdamW."""
     from peft import LoraConfig, get_peft_model
@@ -284,7 +292,7 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(base, lora)
     shard_layers(model.get_base_model(), dev, args)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], args, dev)
     return model, opt, {}
 
 
@@ -307,7 +315,7 @@ def setup_rosa(args, dev: torch.device, fused: bool = True) -> tuple:
     resample(model, index=0)
     sync(dev)
     first = all_max([time.perf_counter() - start], dev)[0]
-    opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-4)
+    opt = adamw(adapter_parameters(model), args, dev)
     config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
               for k, v in dataclasses.asdict(model.rosa_state.config).items()}
     return model, opt, {"rosa_first_split_s_eigh": first, "host_rss_gib_after_split": all_max([host_rss_gib()], dev)[0],
@@ -490,7 +498,7 @@ def header(args, dev: torch.device) -> dict:
         "seq": args.seq, "batch_per_gpu": args.batch, "rank": args.rank, "layers": args.layers,
         "hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
         "kv_heads": args.kv_heads, "vocab": args.vocab, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "gc_every": args.gc_every, "shape": args.shape, "meta_init": args.meta_init, "compile": args.compile, "checkpointing": args.checkpointing,
+        "gc_every": args.gc_every, "adamw": args.adamw, "shape": args.shape, "meta_init": args.meta_init, "compile": args.compile, "checkpointing": args.checkpointing,
         "loss_chunk": args.loss_chunk, "docs_per_block": args.docs_per_block,
         "attn": args.attn, "param_dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "reduce_dtype": "float32" if dev.type == "cuda" else None, **source_id(),
