@@ -80,9 +80,9 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile N steps of each mode: GPU kernel ms by kind (bench/step_profile.py), "
                         "key-averages table in <out>-<mode>-profile.txt")
-    p.add_argument("--adamw", choices=["fused", "foreach"], default="fused",
-                   help="torch AdamW's implementation for the adapters (fused on CUDA: rosa-train's and transformers "
-                        "Trainer's default)")
+    p.add_argument("--adamw", choices=["fused", "foreach"], default="foreach",
+                   help="torch AdamW's implementation for the adapters: foreach (rosa-train's under FSDP2) or fused "
+                        "(transformers Trainer's default; measured level with foreach here)")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
@@ -280,7 +280,7 @@ def setup_frozen(args, dev: torch.device) -> tuple:
 
 
 def adamw(params: list, args, dev: torch.device) -> torch.optim.Optimizer:
-    """AdamW at lr 1e-4, fused on CUDA unless ``--adamw foreach``."""
+    """AdamW at lr 1e-4, fused on CUDA with ``--adamw fused``."""
     return torch.optim.AdamW(params, lr=1e-4, fused=(args.adamw == "fused" and dev.type == "cuda") or None)
 
 

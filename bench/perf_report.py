@@ -6,7 +6,8 @@ reads ``<prefix>-{1gpu,2gpu}-compiled.json`` (frozen, ROSA and PEFT LoRA, each d
 ``<prefix>-{1gpu,2gpu}-peft-eager.json`` (PEFT LoRA as its users run it), ``<prefix>-2gpu-rosa-ckpt.json``
 (checkpointing + chunked loss), ``<prefix>-2gpu-run-stagger.json`` (a run with the resample schedule;
 ``-2gpu-run-gc.json``, the same with collections at fixed steps, wins when present), ``<prefix>-70b-2gpu.json``,
-``<prefix>-2gpu-docs{1,8}.json`` (packed documents) and ``<prefix>-8b-loading.json``; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
+``<prefix>-2gpu-docs{1,8}.json`` (packed documents), ``<prefix>-8b-loading.json`` and variants of the step
+(``VARIANTS``: checkpointing, a larger batch, AdamW's implementation, mode order); writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
 number is read from those files; the ratios pair runs of one machine and call.
 """
 from __future__ import annotations
@@ -17,6 +18,23 @@ from pathlib import Path
 
 TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_compiled": 1.1,
            "resample_overhead_frac_2gpu": 0.03, "max_step_over_median_2gpu": 2.0, "peak_gib_8b_ckpt_2gpu": 14.0}
+
+
+# Optional runs of other step settings: each gives frozen/ROSA/PEFT ratios and fused/separate ROSA layers
+# (mode rosa_unfused), keyed by the run's name.
+VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-adamw-foreach", "1gpu-order")
+
+
+def variant_ratios(name: str, run: dict) -> dict:
+    """tokens/s of each mode in ``run`` and the ratios of ROSA to the others in it."""
+    tok = {mode: run[f"{mode}_tok_s_per_gpu"] for mode in ("frozen", "rosa", "rosa_unfused", "peft_lora")
+           if f"{mode}_tok_s_per_gpu" in run}
+    key = name.replace("-", "_")
+    flat = {f"tok_s_{mode}_{key}": value for mode, value in tok.items()}
+    for other, label in (("frozen", "frozen"), ("rosa_unfused", "unfused"), ("peft_lora", "peft_compiled")):
+        if "rosa" in tok and other in tok:
+            flat[f"rosa_over_{label}_{key}"] = tok["rosa"] / tok[other]
+    return flat
 
 
 def load(prefix: str, name: str) -> dict:
@@ -37,6 +55,9 @@ def summarize(prefix: str) -> dict:
                      f"rosa_over_frozen_{gpus}gpu": rosa / fast["frozen_tok_s_per_gpu"],
                      f"rosa_over_peft_compiled_{gpus}gpu": rosa / fast["peft_lora_tok_s_per_gpu"],
                      f"peak_gib_rosa_compiled_{gpus}gpu": fast["rosa_peak_gib"]})
+        if "rosa_unfused_tok_s_per_gpu" in fast:  # the same ROSA with base and factors as separate operations
+            flat[f"tok_s_rosa_unfused_compiled_{gpus}gpu"] = fast["rosa_unfused_tok_s_per_gpu"]
+            flat[f"rosa_over_unfused_{gpus}gpu"] = rosa / fast["rosa_unfused_tok_s_per_gpu"]
         if eager:
             flat[f"tok_s_peft_eager_{gpus}gpu"] = eager["peft_lora_tok_s_per_gpu"]
             flat[f"rosa_over_peft_{gpus}gpu"] = rosa / eager["peft_lora_tok_s_per_gpu"]
@@ -69,6 +90,10 @@ def summarize(prefix: str) -> dict:
                     gpu_used_gib_8b_folder_streamed=own["gpu_used_mib"] / 1024,
                     gpu_used_gib_8b_folder_accelerate_plugin=plugin["gpu_used_mib"] / 1024,
                     tok_s_8b_folder_streamed_over_accelerate_plugin=own["tok_s_per_gpu"] / plugin["tok_s_per_gpu"])
+    for name in VARIANTS:
+        run = load(prefix, name)
+        if run:
+            flat.update(variant_ratios(name, run))
     ckpt = load(prefix, "2gpu-rosa-ckpt")
     if ckpt:
         flat.update(peak_gib_8b_ckpt_2gpu=ckpt["rosa_peak_gib"], tok_s_8b_ckpt_2gpu=ckpt["rosa_tok_s_per_gpu"])

@@ -16,12 +16,11 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, weight_decay: float):
-    """``name`` over ``params`` (the factors alone, one group). torch's AdamW is fused on CUDA, FSDP2's
-    sharded factors included (a few kernels for all factors: the step's host time grows with the number
-    of tensors, not their size); bitsandbytes keeps 8-bit state for every factor with >= 4096 elements
+    """``name`` over ``params`` (the factors alone, one group). torch's AdamW is fused on CUDA (one
+    kernel for all factors); bitsandbytes keeps 8-bit state for every factor with >= 4096 elements
     (its default), 32-bit for smaller ones."""
     if name == "adamw":
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = bool(params) and all(p.is_cuda for p in params) and not any(isinstance(p, DTensor) for p in params)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
