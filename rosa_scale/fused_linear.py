@@ -13,17 +13,21 @@ import torch
 import torch.nn as nn
 
 
-@torch.library.custom_op("rosa_scale::accumulate_mm", mutates_args=("acc",))
-def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot
-    see into, so it stays in place (traced as ``addmm``, it becomes out-of-place and copies ``acc`` first:
-    a pass as costly as the add it replaces); compiled graphs call it on a buffer no one else reads."""
+# ``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot see into,
+# so it stays in place (traced as ``addmm``, it becomes out-of-place and copies ``acc`` first: a pass as costly
+# as the add it replaces); compiled graphs call it on a buffer no one else reads. Defined through the
+# dispatcher directly: ~3 us a call against ~15 us for a ``torch.library.custom_op`` (two calls per layer).
+_LIBRARY = torch.library.Library("rosa_scale", "DEF")
+_LIBRARY.define("accumulate_mm(Tensor(a!) acc, Tensor a, Tensor b) -> ()")
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a, b)
 
 
-@accumulate_mm.register_fake
-def _(acc, a, b) -> None:
-    return None
+_LIBRARY.impl("accumulate_mm", _accumulate_mm, "CompositeExplicitAutograd")
+torch.library.register_fake("rosa_scale::accumulate_mm", lambda acc, a, b: None, lib=_LIBRARY)
+accumulate_mm = torch.ops.rosa_scale.accumulate_mm.default
 
 
 class FusedRosaLinear(torch.autograd.Function):
