@@ -116,11 +116,14 @@ def plot(prefix: str, flat: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = [("frozen base, compiled", "frozen_compiled"), ("ROSA, compiled (rosa-train default)", "rosa_compiled"),
+            ("ROSA, base and factors apart (fused: false)", "rosa_unfused_compiled"),
             ("PEFT LoRA, compiled", "peft_compiled"), ("PEFT LoRA, its defaults", "peft_eager")]
+    rows = [(label, key) for label, key in rows if any(f"tok_s_{key}_{g}gpu" in flat for g in (1, 2))]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for i, (label, key) in enumerate(rows):
         values = [flat.get(f"tok_s_{key}_{g}gpu", 0) for g in (1, 2)]
-        ax.bar([g + (i - 1.5) * 0.2 for g in (0, 1)], values, 0.2, label=label)
+        width = 0.8 / len(rows)
+        ax.bar([g + (i - (len(rows) - 1) / 2) * width for g in (0, 1)], values, width, label=label)
     ax.set_xticks([0, 1], ["1 H200", "2 H200 (FSDP2)"])
     ax.set_ylabel("tokens/s per GPU")
     ax.set_title("Llama-3-8B shape, B=2, S=2048, r=16")
