@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
-MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused")
+MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_replicated")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -81,8 +82,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
                    help="after timing, profile N steps of each mode: GPU kernel ms by kind (bench/step_profile.py), "
                         "key-averages table in <out>-<mode>-profile.txt")
     p.add_argument("--adamw", choices=["fused", "foreach"], default="foreach",
-                   help="torch AdamW's implementation for the adapters: foreach (rosa-train's under FSDP2) or fused "
-                        "(transformers Trainer's default; measured level with foreach here)")
+                   help="torch AdamW's implementation for PEFT LoRA (ROSA modes use rosa-train's: foreach over "
+                        "sharded factors, fused over whole ones on CUDA); fused is transformers Trainer's default")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="the LM head and loss this many tokens at a time (rosa-train's loss_chunk_tokens); 0: whole")
     if extra is not None:
@@ -210,6 +211,9 @@ def document_positions(args, dev: torch.device) -> torch.Tensor | None:
     return (torch.arange(args.seq) % -(-args.seq // k)).expand(args.batch, -1).to(dev)
 
 
+AFTER_BACKWARD = weakref.WeakKeyDictionary()  # model -> what rosa-train calls between backward and step
+
+
 def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.Tensor | None = None) -> None:
     """Forward with labels (or the chunked loss), backward, optimizer step (if any)."""
     if chunk:
@@ -220,6 +224,8 @@ def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.T
     else:
         loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
     loss.backward()
+    if model in AFTER_BACKWARD:  # rosa_replicated: the factors' gradient all-reduce rosa-train makes
+        AFTER_BACKWARD[model](model)
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -296,18 +302,21 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     return model, opt, {}
 
 
-def setup_rosa(args, dev: torch.device, fused: bool = True) -> tuple:
-    """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, AdamW.
-    ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused)."""
+def setup_rosa(args, dev: torch.device, fused: bool = True, replicate_factors: bool = False) -> tuple:
+    """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, rosa-train's
+    AdamW. ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused);
+    ``replicate_factors``: the factors whole on every rank (mode rosa_replicated, ``fsdp_factors: replicated``)."""
     from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
     from rosa_scale.engines.fsdp2 import shard_model
+    from rosa_scale.optimizers import build_optimizer
 
     model = build_model(args, dev)
     apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused),
                split=False)
     policy = mp_policy(dev)
     prepare_layers(model, args, dev)
-    shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
+    shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                replicate_factors=replicate_factors)
     if args.meta_init:
         draw_shards(model, dev, args.seed)
     sync(dev)
@@ -315,7 +324,11 @@ def setup_rosa(args, dev: torch.device, fused: bool = True) -> tuple:
     resample(model, index=0)
     sync(dev)
     first = all_max([time.perf_counter() - start], dev)[0]
-    opt = adamw(adapter_parameters(model), args, dev)
+    opt = build_optimizer("adamw", adapter_parameters(model), lr=1e-4, weight_decay=0.01)
+    if replicate_factors:
+        from rosa_scale.engines.fsdp2 import sync_replicated_grads
+
+        AFTER_BACKWARD[model] = sync_replicated_grads
     config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
               for k, v in dataclasses.asdict(model.rosa_state.config).items()}
     return model, opt, {"rosa_first_split_s_eigh": first, "host_rss_gib_after_split": all_max([host_rss_gib()], dev)[0],
@@ -383,7 +396,8 @@ def time_resample(model, opt, method: str, dev: torch.device) -> dict:
 def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     """Fresh model for ``mode``: timed steps (then resamples, for rosa) into ``result``, saved as they come."""
     setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa,
-             "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False)}[mode]
+             "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False),
+             "rosa_replicated": lambda a, d: setup_rosa(a, d, replicate_factors=True)}[mode]
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

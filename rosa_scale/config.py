@@ -170,6 +170,11 @@ class TrainConfig:
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.
     Launching with accelerate's FSDP2 config (configs/accelerate/fsdp2.yaml) does the same."""
+    fsdp_factors: Literal["sharded", "replicated"] = "sharded"
+    """With fsdp: true, the ROSA factors sharded like the weights, or whole on every process (FSDP2
+    leaves them out; their gradients are averaged in one all-reduce per step and AdamW steps them as
+    plain tensors). Replicated costs each process the factors' whole fp32 state (~0.6 GiB at
+    Llama-3-8B, r=16) and saves the host time FSDP2 spends per small tensor (bench/NOTES.md)."""
     zero3_leaf_layers: bool = True
     """Under DeepSpeed ZeRO-3, fetch each decoder layer whole (DeepSpeed leaf modules): fewer hooks,
     a faster step (1.8x measured on a Llama-3-8B shape), the same results."""

@@ -65,6 +65,7 @@ class RosaLinear(nn.Module):
         self.out_features, self.in_features = out_features, in_features  # params may be partitioned later
         self.transposed = not isinstance(base, nn.Linear)
         self.fused = type(base) in LINEAR_TYPES  # see rosa_scale/fused_linear.py; False: separate operations
+        self.compute_dtype = None  # factors kept whole beside a sharded base: cast to its compute dtype
         device = base.weight.device
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
         self.down = nn.Parameter(torch.zeros(rank, in_features, dtype=adapter_dtype, device=device))
@@ -104,12 +105,19 @@ class RosaLinear(nn.Module):
         """``w_fixed + up @ down`` (out x in) in fp32."""
         return merge(self.fixed_weight(), self.up, self.down)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) as the forward uses them: in ``compute_dtype`` where set."""
+        if self.compute_dtype is None:
+            return self.up, self.down
+        return self.up.to(self.compute_dtype), self.down.to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and fusable(self.base, x, self.down, self.up):
-            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down, self.up,
+        up, down = self.factors()
+        if self.fused and fusable(self.base, x, down, up):
+            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), down, up,
                                          self.transposed)
         out = self.base(x)
-        delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
+        delta = F.linear(F.linear(x.to(down.dtype), down), up)
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:

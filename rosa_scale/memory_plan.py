@@ -77,7 +77,8 @@ def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> 
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
         parts["FSDP2 gathered layers"] = 2 * largest * compute / GIB
     state = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}[cfg.optimizer]
-    parts["factors + gradients + optimizer"] = factors * (4 + 4 + state) / shard / GIB
+    whole = cfg.fsdp_factors == "replicated"  # FSDP2 leaves them unsharded on every process
+    parts["factors + gradients + optimizer"] = factors * (4 + 4 + state) / (1 if whole else shard) / GIB
     config = model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     inner = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden

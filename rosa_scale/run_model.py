@@ -63,7 +63,8 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
             raise ConfigError("fsdp: true needs a launch of 2 or more processes (torchrun or accelerate launch)")
 
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None,
+                    replicate_factors=cfg.fsdp_factors == "replicated")
         if streamed:
             fill(model, model_path, device)
     return Prepared(model, compiled, quantized, own_fsdp, split_after_prepare)

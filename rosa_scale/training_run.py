@@ -22,6 +22,7 @@ from .checkpoint import FOLDER, complete_checkpoints, load_checkpoint, save_chec
 from .chunked_loss import loss_inside_forward
 from .config import TrainConfig, to_dict
 from .engines import engine_for
+from .engines.fsdp2 import is_sharded, replicated_factors, sync_replicated_grads
 from .export import save_merged
 from .guard import DivergedError, agree, check_layers, nonfinite, nonfinite_grads
 from .loading import DTYPES
@@ -95,6 +96,7 @@ class TrainingRun:
         self.compiled = compiled  # decoder layers compiled, for the summary
         self.out = Path(cfg.output_dir)
         self.params = adapter_parameters(module)
+        self.replicated_factors = bool(replicated_factors(module)) and is_sharded(module)
         self.layers = rosa_layers(module)
         self.engine = engine_for(module).name
         self.step, self.epoch, self.batches, self.skip, self.skipped = 0, 0, 0, 0, 0
@@ -222,6 +224,8 @@ class TrainingRun:
                     self.metrics.log(self.step + 1, loss=None, nonfinite="loss")
                     raise self.diverged(f"non-finite loss at step {self.step + 1}")
             accelerator.backward(loss * self._target_share(labels) if accelerator.num_processes > 1 else loss)
+            if accelerator.sync_gradients and self.replicated_factors:
+                sync_replicated_grads(self.module)
             if accelerator.sync_gradients and not self.deepspeed:
                 stop, bad_loss, bad_grad = agree(accelerator.device, self.watch.requested, loss_bad,
                                                  nonfinite_grads(self.params))
@@ -320,7 +324,8 @@ class TrainingRun:
             if self.deepspeed:
                 summary["zero3_fast_leaf_fetch"] = zero3_fast_leaf_fetch(self.model)
             summary.update(distributed_type=accelerator.distributed_type.value, engine=self.engine,
-                           compiled_layers=self.compiled, num_processes=accelerator.num_processes,
+                           compiled_layers=self.compiled, replicated_factors=self.replicated_factors,
+                           num_processes=accelerator.num_processes,
                            world_size=dist.get_world_size() if dist.is_initialized() else 1)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.watch.should_stop(accelerator.device):

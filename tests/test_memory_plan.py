@@ -79,3 +79,17 @@ def test_eager_attention_adds_its_attention_matrices_and_the_advice_to_leave_it(
     from rosa_scale.memory_plan import advice
 
     assert advice(eager, load_config(overrides=cfg), 2, 40.0)[0].startswith("attn_implementation: sdpa")
+
+
+def test_replicated_factors_cost_every_process_their_whole_state(folders):
+    """fsdp_factors: replicated keeps each factor, its fp32 gradient and AdamW's two moments whole on each
+    process: 41.9M factors at 8B, r=16 -> 16 bytes each, not divided by the processes."""
+    cfg = dict(model=str(folders["8b"]), model_dtype="bfloat16", mixed_precision="bf16", fsdp=True, batch_size=2,
+               block_size=2048, rosa={"rank": 16, "target_modules": TARGETS})
+    model = meta_model(str(folders["8b"]), "bfloat16")
+    sharded = estimate(model, load_config(overrides=cfg), 2)
+    whole = estimate(model, load_config(overrides={**cfg, "fsdp_factors": "replicated"}), 2)
+    factors = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # q,o; k,v; gate,up,down
+    assert sharded.trainable == whole.trainable == factors
+    assert whole.parts["factors + gradients + optimizer"] == pytest.approx(factors * 16 / 2 ** 30)
+    assert sharded.parts["factors + gradients + optimizer"] == pytest.approx(factors * 16 / 2 / 2 ** 30)

@@ -62,15 +62,18 @@ def test_one_process_resume_is_bitwise(tiny_model_dir, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp2_killed_and_resumed(tiny_model_dir, tiny_data, tmp_path):
-    """SIGKILL of both ranks after a checkpoint, relaunch with --resume auto: same losses and model."""
+@pytest.mark.parametrize("factors", ["sharded", "replicated"])
+def test_two_process_fsdp2_killed_and_resumed(factors, tiny_model_dir, tiny_data, tmp_path):
+    """SIGKILL of both ranks after a checkpoint, relaunch with --resume auto: same losses and model;
+    with the factors sharded like the weights or whole on each rank (fsdp_factors)."""
     steps = 60
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     def launch(out, extra=()):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), *_args(tiny_model_dir, tiny_data, out, 2, steps,
-                                                           ["--fsdp", "true", "--save-every", "10", *extra])]
+                                                           ["--fsdp", "true", "--fsdp-factors", factors,
+                                                            "--save-every", "10", *extra])]
 
     subprocess.run(launch(straight), check=True, capture_output=True, env=ENV, timeout=600)
     proc = subprocess.Popen(launch(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -34,7 +34,9 @@ def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,extra", [("local", []), ("fsdp2", ["--fsdp", "true", "--gradient-checkpointing", "true"])])
+@pytest.mark.parametrize("engine,extra", [
+    ("local", []), ("fsdp2", ["--fsdp", "true", "--gradient-checkpointing", "true"]),
+    ("fsdp2", ["--fsdp", "true", "--fsdp-factors", "replicated"])], ids=["ddp", "fsdp2", "fsdp2-replicated-factors"])
 def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_dir, tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -46,6 +48,7 @@ def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_d
     seen = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert seen["distributed_type"] == "MULTI_CPU" and seen["engine"] == engine
     assert seen["num_processes"] == seen["world_size"] == 2
+    assert seen["replicated_factors"] == ("replicated" in extra)
 
     # same global batch (4 = 2 x 2), same windows: the merged models agree up to fp32 reduction
     # order, which Adam amplifies over 12 steps to ~1e-4 at most

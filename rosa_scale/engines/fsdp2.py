@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..compiled_layers import decoder_layers
 from ..factorize import window_generator
-from ..layer import resplit_values
+from ..layer import RosaLinear, resplit_values
 from ..quant import QuantRosaLinear, quantized_base_params
 from .local import world
 from .plan import owner_queues
@@ -33,11 +33,14 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfloat16,
                 reduce_dtype: torch.dtype | None = torch.float32, mesh=None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, replicate_factors: bool = False) -> nn.Module:
     """``fully_shard`` every decoder layer (classes in ``model._no_split_modules``) and the root.
 
     Call after ``apply_rosa(model, cfg, split=False)`` and before building the optimizer, then
-    make the first split with ``resample(model, index=0)``.
+    make the first split with ``resample(model, index=0)``. ``replicate_factors``: the ROSA factors stay
+    whole on every rank (FSDP2 ignores them; cast to ``param_dtype`` inside each layer's forward), and
+    ``sync_replicated_grads`` averages their gradients in one collective: FSDP2's per-tensor work and
+    DTensor dispatch for 14 small tensors per decoder layer are the host time of a step otherwise.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -49,12 +52,39 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = torch.bfl
     blocks = decoder_layers(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules to shard by")
-    whole = quantized_base_params(model) or None  # packed 4-bit codes cannot be split into DTensor shards
+    whole = set(quantized_base_params(model))  # packed 4-bit codes cannot be split into DTensor shards
+    if replicate_factors:
+        for layer in model.modules():
+            if isinstance(layer, RosaLinear):
+                whole |= {layer.up, layer.down}
+                layer.compute_dtype = param_dtype
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                    ignored_params=whole)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=whole)
+                    ignored_params=whole or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                ignored_params=whole or None)
     return model
+
+
+def replicated_factors(model: nn.Module) -> list[nn.Parameter]:
+    """The ROSA factors FSDP2 left whole on every rank (``shard_model(replicate_factors=True)``)."""
+    return [p for layer in model.modules() if isinstance(layer, RosaLinear) for p in (layer.up, layer.down)
+            if not isinstance(p, DTensor)]
+
+
+@torch.no_grad()
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the replicated factors over the ranks: one all-reduce per dtype (a
+    collective; every rank calls it at the same micro-batch, the last of each optimizer step)."""
+    grads = [p.grad for p in replicated_factors(model) if p.grad is not None]
+    size = dist.get_world_size()
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= size
+        for g, part in zip(group, flat.split([g.numel() for g in group])):
+            g.copy_(part.view_as(g))
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
