@@ -304,6 +304,8 @@ def _validate(cfg: TrainConfig) -> None:
     if isinstance(cfg.resample_every, int) and cfg.resample_stagger > cfg.resample_every:
         raise ConfigError(f"config key 'resample_stagger' ({cfg.resample_stagger}) must be at most "
                           f"resample_every ({cfg.resample_every})")
+    if cfg.fsdp_factors == "replicated" and not cfg.fsdp:
+        raise ConfigError("config key 'fsdp_factors' replicated needs fsdp: true (rosa-train's own FSDP2 sharding)")
     for key in ("warmup_steps", "rewarm_steps", "max_skipped_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")

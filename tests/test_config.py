@@ -23,6 +23,8 @@ def test_defaults_and_overrides(tmp_path):
     ({"rosa": 3}, "must be a mapping"),
     ({"attn_implementation": "flash"}, "'attn_implementation' must be one of sdpa, eager, flex_attention"),
     ({"gc_every": 0}, "'gc_every' must be >= 1 or null, got 0"),
+    ({"fsdp_factors": "replicated"}, "'fsdp_factors' replicated needs fsdp: true"),
+    ({"fsdp_factors": "whole", "fsdp": True}, "'fsdp_factors' must be"),
 ])
 def test_invalid_values(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
