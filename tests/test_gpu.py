@@ -229,6 +229,26 @@ def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path,
     assert summaries["compiled"]["eval_loss_after"] == pytest.approx(summaries["eager"]["eval_loss_after"], rel=2e-2)
 
 
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_replicated_factors_train_what_sharded_factors_do_on_two_gpus(tmp_path):
+    """fsdp_factors: replicated under NCCL, bf16, compiled layers: the factors stay whole (summary), their
+    gradients are averaged by one all-reduce, and the run logs the sharded run's losses through resamples."""
+    losses, summaries = {}, {}
+    for factors in ("sharded", "replicated"):
+        out = tmp_path / factors
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16",
+               "--fsdp", "true", "--batch-size", "2", "--fsdp-factors", factors]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        summaries[factors] = json.loads((out / "summary.json").read_text())
+        losses[factors] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                           if '"loss"' in line]
+    assert summaries["replicated"]["replicated_factors"] and not summaries["sharded"]["replicated_factors"]
+    assert len(losses["replicated"]) == 30
+    assert max(abs(a - b) / b for a, b in zip(losses["replicated"], losses["sharded"])) < 2e-2, losses
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_documents_see_only_themselves_under_cuda_sdpa(dtype):
     """The masked sdpa kernel CUDA picks for a block of several documents gives each document the
