@@ -36,7 +36,8 @@ def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,extra", [
     ("local", []), ("fsdp2", ["--fsdp", "true", "--gradient-checkpointing", "true"]),
-    ("fsdp2", ["--fsdp", "true", "--fsdp-factors", "replicated"])], ids=["ddp", "fsdp2", "fsdp2-replicated-factors"])
+    ("fsdp2", ["--fsdp", "true", "--fsdp-factors", "replicated", "--batch-size", "1", "--grad-accum", "2"])],
+    ids=["ddp", "fsdp2", "fsdp2-replicated-factors-accumulated"])
 def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_dir, tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
