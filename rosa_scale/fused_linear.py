@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 
 # ``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot see into,
@@ -45,6 +46,7 @@ class FusedRosaLinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the in-place accumulate has no derivative of its own: double backward is refused
     def backward(ctx, grad_out):
         x, weight, down, up, h = ctx.saved_tensors
         need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad

@@ -123,3 +123,11 @@ def test_fused_layer_in_bf16_on_cuda_compiled_is_as_accurate_as_separate_operati
                                            (layer.down.grad, down.grad))]
     assert all(e < 2e-2 for e in errors[True]), errors
     assert all(f <= 1.5 * s + 1e-3 for f, s in zip(errors[True], errors[False])), errors
+
+
+def test_fused_layer_refuses_a_second_derivative_instead_of_a_wrong_one():
+    layer = _layer(nn.Linear(6, 4), torch.float64, fused=True)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
