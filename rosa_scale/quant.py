@@ -386,7 +386,7 @@ class QuantRosaLinear(RosaLinear):
         if self.stack_up.shape[1]:
             xs = x.to(self.stack_up.dtype)
             out = out + F.linear(F.linear(xs, self.stack_down), self.stack_up).to(out.dtype)
-        up, down = self._window_factors()
+        up, down = self._window_factors(*self.factors())
         delta = F.linear(F.linear(x.to(down.dtype), down), up)
         return out + delta.to(out.dtype)
 

@@ -131,3 +131,23 @@ def test_fused_layer_refuses_a_second_derivative_instead_of_a_wrong_one():
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.sum().backward()
+
+
+def test_compute_dtype_casts_whole_fp32_factors_to_the_base_dtype_and_keeps_fp32_gradients():
+    """Factors left whole beside a bf16 base (fsdp_factors: replicated): the forward casts them, so the
+    fused node runs in bf16, and their gradients arrive in fp32 as the optimizer holds them."""
+    layer = RosaLinear(nn.Linear(16, 8).to(torch.bfloat16), rank=4, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        layer.up.normal_()
+        layer.down.normal_()
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    assert "FusedRosaLinear" not in type(layer(x).grad_fn).__name__  # fp32 factors, bf16 base: separate ops
+    layer.compute_dtype = torch.bfloat16
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and "FusedRosaLinear" in type(out.grad_fn).__name__
+    out.float().square().sum().backward()
+    assert layer.up.grad.dtype == layer.down.grad.dtype == torch.float32
+    ref, _, up, down = _reference_float64(layer, x)
+    ref.square().sum().backward()
+    for got, want in ((out, ref), (layer.up.grad, up.grad), (layer.down.grad, down.grad)):
+        assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
