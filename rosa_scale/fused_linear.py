@@ -82,4 +82,4 @@ def fusable(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tens
         return False
     weight, bias = base.weight, getattr(base, "bias", None)
     dtypes = {x.dtype, weight.dtype, down.dtype, up.dtype} | ({bias.dtype} if bias is not None else set())
-    return len(dtypes) == 1 and x.dtype.is_floating_point and x.dim() >= 1
+    return len(dtypes) == 1 and x.dtype.is_floating_point
