@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
-MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_replicated")
+MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_replicated", "rosa_sharded")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -214,8 +214,11 @@ def document_positions(args, dev: torch.device) -> torch.Tensor | None:
 AFTER_BACKWARD = weakref.WeakKeyDictionary()  # model -> what rosa-train calls between backward and step
 
 
-def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.Tensor | None = None) -> None:
-    """Forward with labels (or the chunked loss), backward, optimizer step (if any)."""
+def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.Tensor | None = None,
+               marks: list | None = None) -> None:
+    """Forward with labels (or the chunked loss), backward, optimizer step (if any). With ``marks``, the host
+    clock at the start and after forward, backward and step is appended (nothing waits for the GPU)."""
+    start = time.perf_counter()
     if chunk:
         from rosa_scale.chunked_loss import loss_inside_forward
 
@@ -223,12 +226,25 @@ def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.T
         loss = loss_inside_forward(model, inner, ids, chunk_tokens=chunk, position_ids=positions)
     else:
         loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
+    forward = time.perf_counter()
     loss.backward()
     if model in AFTER_BACKWARD:  # rosa_replicated: the factors' gradient all-reduce rosa-train makes
         AFTER_BACKWARD[model](model)
+    backward = time.perf_counter()
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if marks is not None:
+        marks.append((start, forward, backward, time.perf_counter()))
+
+
+def host_phases(marks: list, steps: int) -> dict:
+    """Median host milliseconds of forward, backward and optimizer step over the last ``steps`` marks: what
+    the host spends issuing each phase. A phase's host time near the step's time means the GPU waits on it."""
+    last = marks[-steps:]
+    med = lambda i: statistics.median(m[i + 1] - m[i] for m in last) * 1e3  # noqa: E731
+    return {"host_ms_forward": med(0), "host_ms_backward": med(1), "host_ms_step": med(2),
+            "host_ms_total": statistics.median(m[3] - m[0] for m in last) * 1e3}
 
 
 def fixed_collections(every: int):
@@ -302,11 +318,13 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     return model, opt, {}
 
 
-def setup_rosa(args, dev: torch.device, fused: bool = True, replicate_factors: bool = False) -> tuple:
+def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto") -> tuple:
     """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, rosa-train's
     AdamW. ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused);
-    ``replicate_factors``: the factors whole on every rank (mode rosa_replicated, ``fsdp_factors: replicated``)."""
+    ``factors``: rosa-train's ``fsdp_factors`` (auto, as rosa-train decides it; modes rosa_replicated and
+    rosa_sharded force one)."""
     from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
+    from rosa_scale.config import TrainConfig, factors_replicated
     from rosa_scale.engines.fsdp2 import shard_model
     from rosa_scale.optimizers import build_optimizer
 
@@ -315,6 +333,8 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, replicate_factors: b
                split=False)
     policy = mp_policy(dev)
     prepare_layers(model, args, dev)
+    numbers = sum(p.numel() for p in adapter_parameters(model))
+    replicate_factors = factors_replicated(TrainConfig(fsdp=True, fsdp_factors=factors), numbers)
     shard_model(model, param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
                 replicate_factors=replicate_factors)
     if args.meta_init:
@@ -397,15 +417,23 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     """Fresh model for ``mode``: timed steps (then resamples, for rosa) into ``result``, saved as they come."""
     setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa,
              "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False),
-             "rosa_replicated": lambda a, d: setup_rosa(a, d, replicate_factors=True)}[mode]
+             "rosa_replicated": lambda a, d: setup_rosa(a, d, factors="replicated"),
+             "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded")}[mode]
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    positions = document_positions(args, dev)
-    stats = time_steps(model, opt, args, dev, step=lambda m, o, ids: train_step(m, o, ids, args.loss_chunk, positions))
+    if mode.startswith("rosa"):
+        from rosa_scale.engines.fsdp2 import replicated_factors
+
+        result[f"{mode}_replicated_factors"] = bool(replicated_factors(model))
+    positions, marks = document_positions(args, dev), []
+    stats = time_steps(model, opt, args, dev,
+                       step=lambda m, o, ids: train_step(m, o, ids, args.loss_chunk, positions, marks))
+    stats.update(host_phases(marks, args.steps))
     result.update({f"{mode}_{k}": v for k, v in stats.items()})
     log(f"{mode}: {stats['tok_s_per_gpu']:.0f} tok/s per GPU, step {stats['step_s'] * 1e3:.1f} ms, "
-        f"peak {fmt(stats['peak_gib'])} GiB")
+        f"peak {fmt(stats['peak_gib'])} GiB; host ms forward {stats['host_ms_forward']:.1f}, backward "
+        f"{stats['host_ms_backward']:.1f}, step {stats['host_ms_step']:.1f}")
     if args.profile:
         from step_profile import profile_steps
 

@@ -170,11 +170,13 @@ class TrainConfig:
     """Shard the model with FSDP2 (fully_shard per decoder layer and the root; bf16 compute and
     fp32 gradient reduction with mixed_precision bf16) under a torchrun or accelerate launch.
     Launching with accelerate's FSDP2 config (configs/accelerate/fsdp2.yaml) does the same."""
-    fsdp_factors: Literal["sharded", "replicated"] = "sharded"
+    fsdp_factors: Literal["auto", "sharded", "replicated"] = "auto"
     """With fsdp: true, the ROSA factors sharded like the weights, or whole on every process (FSDP2
     leaves them out; their gradients are averaged in one all-reduce per step and AdamW steps them as
-    plain tensors). Replicated costs each process the factors' whole fp32 state (~0.6 GiB at
-    Llama-3-8B, r=16) and saves the host time FSDP2 spends per small tensor (bench/NOTES.md)."""
+    plain tensors: a 1-2.7% faster step on an H200 at Llama-3-8B, r=16, bench/NOTES.md). Replicated
+    costs each process the factors' whole fp32 state (~0.6 GiB at Llama-3-8B, r=16). auto: replicated
+    while the factors hold at most 64 Mi numbers (1 GiB of fp32 weights, gradients and AdamW moments),
+    sharded above."""
     zero3_leaf_layers: bool = True
     """Under DeepSpeed ZeRO-3, fetch each decoder layer whole (DeepSpeed leaf modules): fewer hooks,
     a faster step (1.8x measured on a Llama-3-8B shape), the same results."""
@@ -310,6 +312,17 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     validate_rosa(cfg.rosa, prefix="rosa.")
+
+
+REPLICATED_FACTORS_MAX_NUMBERS = 64 * 2**20  # 16 bytes each (fp32 weight, gradient, two AdamW moments): 1 GiB
+
+
+def factors_replicated(cfg: TrainConfig, factor_numbers: int) -> bool:
+    """Whether rosa-train's FSDP2 leaves the ROSA factors whole on every process (``fsdp_factors``
+    resolved for a model whose factors hold ``factor_numbers`` numbers)."""
+    if not cfg.fsdp or cfg.fsdp_factors == "sharded":
+        return False
+    return cfg.fsdp_factors == "replicated" or factor_numbers <= REPLICATED_FACTORS_MAX_NUMBERS
 
 
 def validate_rosa(rosa: RosaConfig, prefix: str = "") -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RosaConfig, TrainConfig
+from .config import RosaConfig, TrainConfig, factors_replicated
 from .engines.plan import factorization_cost, plan_owners
 from .layer import linear_shape, resolve_rank
 
@@ -77,7 +77,7 @@ def estimate(model, cfg: TrainConfig, processes: int, compiled: bool = True) -> 
         largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
         parts["FSDP2 gathered layers"] = 2 * largest * compute / GIB
     state = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}[cfg.optimizer]
-    whole = cfg.fsdp_factors == "replicated"  # FSDP2 leaves them unsharded on every process
+    whole = factors_replicated(cfg, factors)  # FSDP2 leaves them unsharded on every process
     parts["factors + gradients + optimizer"] = factors * (4 + 4 + state) / (1 if whole else shard) / GIB
     config = model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")

@@ -9,9 +9,9 @@ import torch
 
 from .compiled_layers import compile_decoder_layers, compile_unavailable
 from .compiled_layers import decoder_layers as find_decoder_layers
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, factors_replicated
 from .loading import load_model
-from .model import apply_rosa
+from .model import adapter_parameters, apply_rosa
 from .quant_loading import OriginalWeights, is_prequantized, load_quantized_model
 from .sharded_loading import can_stream, empty_model, fill
 
@@ -63,8 +63,9 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
             raise ConfigError("fsdp: true needs a launch of 2 or more processes (torchrun or accelerate launch)")
 
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        factor_numbers = sum(p.numel() for p in adapter_parameters(model))
         shard_model(model, param_dtype=low, reduce_dtype=torch.float32 if low else None,
-                    replicate_factors=cfg.fsdp_factors == "replicated")
+                    replicate_factors=factors_replicated(cfg, factor_numbers))
         if streamed:
             fill(model, model_path, device)
     return Prepared(model, compiled, quantized, own_fsdp, split_after_prepare)

@@ -87,9 +87,26 @@ def test_replicated_factors_cost_every_process_their_whole_state(folders):
     cfg = dict(model=str(folders["8b"]), model_dtype="bfloat16", mixed_precision="bf16", fsdp=True, batch_size=2,
                block_size=2048, rosa={"rank": 16, "target_modules": TARGETS})
     model = meta_model(str(folders["8b"]), "bfloat16")
-    sharded = estimate(model, load_config(overrides=cfg), 2)
+    sharded = estimate(model, load_config(overrides={**cfg, "fsdp_factors": "sharded"}), 2)
     whole = estimate(model, load_config(overrides={**cfg, "fsdp_factors": "replicated"}), 2)
+    auto = estimate(model, load_config(overrides=cfg), 2)
     factors = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # q,o; k,v; gate,up,down
     assert sharded.trainable == whole.trainable == factors
     assert whole.parts["factors + gradients + optimizer"] == pytest.approx(factors * 16 / 2 ** 30)
     assert sharded.parts["factors + gradients + optimizer"] == pytest.approx(factors * 16 / 2 / 2 ** 30)
+    assert auto.parts == whole.parts  # 42M numbers: under auto's 64 Mi, whole
+    wide = {**cfg, "rosa": {**cfg["rosa"], "rank": 32}}  # 84M numbers: auto shards them
+    assert (estimate(model, load_config(overrides=wide), 2).parts["factors + gradients + optimizer"]
+            == pytest.approx(2 * factors * 16 / 2 / 2 ** 30))
+
+
+def test_auto_factors_are_whole_up_to_64_mi_numbers_and_only_under_fsdp():
+    from rosa_scale.config import REPLICATED_FACTORS_MAX_NUMBERS, factors_replicated
+
+    fsdp = load_config(overrides={"fsdp": True})
+    assert fsdp.fsdp_factors == "auto"
+    assert factors_replicated(fsdp, REPLICATED_FACTORS_MAX_NUMBERS)
+    assert not factors_replicated(fsdp, REPLICATED_FACTORS_MAX_NUMBERS + 1)
+    assert factors_replicated(load_config(overrides={"fsdp": True, "fsdp_factors": "replicated"}), 10**12)
+    assert not factors_replicated(load_config(overrides={"fsdp": True, "fsdp_factors": "sharded"}), 1)
+    assert not factors_replicated(load_config(), 1)  # no FSDP2: nothing to leave out

@@ -126,7 +126,7 @@ def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_pa
 
     quant = ["--rosa.quantize", "nf4"]
     runs = {"one": [sys.executable, *dist_args(tiny_model_dir, tiny_data, tmp_path / "one", 4), *quant]}
-    fsdp = {"fsdp2": ["--fsdp", "true", "--save-every", "12"],
+    fsdp = {"fsdp2": ["--fsdp", "true", "--save-every", "12", "--fsdp-factors", "sharded"],
             "fsdp2-replicated": ["--fsdp", "true", "--save-every", "12", "--fsdp-factors", "replicated"]}
     for name, extra in fsdp.items():
         runs[name] = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",

@@ -35,9 +35,9 @@ def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,extra", [
-    ("local", []), ("fsdp2", ["--fsdp", "true", "--gradient-checkpointing", "true"]),
-    ("fsdp2", ["--fsdp", "true", "--fsdp-factors", "replicated", "--batch-size", "1", "--grad-accum", "2"])],
-    ids=["ddp", "fsdp2", "fsdp2-replicated-factors-accumulated"])
+    ("local", []), ("fsdp2", ["--fsdp", "true", "--fsdp-factors", "sharded", "--gradient-checkpointing", "true"]),
+    ("fsdp2", ["--fsdp", "true", "--batch-size", "1", "--grad-accum", "2"])],
+    ids=["ddp", "fsdp2-sharded-factors", "fsdp2-default-factors-accumulated"])
 def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_dir, tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -49,7 +49,7 @@ def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_d
     seen = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert seen["distributed_type"] == "MULTI_CPU" and seen["engine"] == engine
     assert seen["num_processes"] == seen["world_size"] == 2
-    assert seen["replicated_factors"] == ("replicated" in extra)
+    assert seen["replicated_factors"] == (engine == "fsdp2" and "sharded" not in extra)  # auto: a tiny model's are whole
 
     # same global batch (4 = 2 x 2), same windows: the merged models agree up to fp32 reduction
     # order, which Adam amplifies over 12 steps to ~1e-4 at most
@@ -96,6 +96,7 @@ def test_accelerate_launch_with_the_cpu_config_really_shards(tiny_model_dir, tin
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads((tmp_path / "acc" / "summary.json").read_text())
     assert seen["engine"] == "fsdp2" and seen["num_processes"] == seen["world_size"] == 2
+    assert seen["replicated_factors"]  # fsdp_factors: auto, a few factors: whole on each process
 
 
 def test_fsdp_on_one_process_is_refused(tiny_model_dir, tiny_data, tmp_path):
