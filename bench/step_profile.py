@@ -1,8 +1,9 @@
 """Where a training step's GPU time goes: a torch.profiler trace of a few steps, its kernels summed by
 kind (GEMMs, attention, compiled Triton kernels, copies, NCCL, other), per step.
 
-Used by ``fsdp2_bench.py --profile N``. When the kernels' total exceeds the step's span the GPU never
-waits for the host: what costs time is kernel work, not launches.
+Used by ``fsdp2_bench.py --profile N``. Kernels of several streams overlap, so the GPU's busy time is the
+union of their intervals; the span less that union is the time the GPU waited (for the host, or for a
+collective). The key-averages table's "Command Buffer Full" row is the opposite: the host waiting for the GPU.
 """
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ def kind(kernel: str) -> str:
     """The kind of a GPU kernel, from its name."""
     name = kernel.lower()
     return next((k for k, words in KINDS if any(w in name for w in words)), "other")
+
+
+def busy_ms(kernels: list) -> float:
+    """Milliseconds in which at least one of ``kernels`` (profiler events) ran: the union of their intervals."""
+    total, end = 0.0, None
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in kernels):
+        if end is None or start > end:
+            total, end = total + (stop - start), stop
+        elif stop > end:
+            total, end = total + (stop - end), stop
+    return total / 1e3
 
 
 def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict, str]:
@@ -40,7 +52,9 @@ def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict, str]:
         ms[kind(e.name)] += e.device_time_total / 1e3
         count[kind(e.name)] += 1
     span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3 if kernels else 0.0
-    out = {"profile_steps": steps, "span_ms_per_step": span / steps,
+    busy = busy_ms(kernels)
+    out = {"profile_steps": steps, "span_ms_per_step": span / steps, "busy_ms_per_step": busy / steps,
+           "idle_ms_per_step": (span - busy) / steps,
            "kernel_ms_per_step": sum(ms.values()) / steps,
            **{f"kernel_ms_{k}": v / steps for k, v in ms.items()},
            **{f"kernels_{k}": c // steps for k, c in count.items()}}

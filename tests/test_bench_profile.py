@@ -24,3 +24,12 @@ def test_a_cpu_profile_has_no_kernels_and_a_table_of_its_ops():
     stats, table = step_profile.profile_steps(lambda: (x @ x).sum(), steps=2)
     assert stats["profile_steps"] == 2 and stats["kernel_ms_per_step"] == 0.0 and stats["span_ms_per_step"] == 0.0
     assert "aten::mm" in table
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    """Two streams' kernels overlapping count once; a gap between them is idle time, not busy time."""
+    from types import SimpleNamespace as NS
+
+    kernels = [NS(time_range=NS(start=a, end=b)) for a, b in ((0, 1000), (500, 1500), (2000, 2500), (2100, 2200))]
+    assert step_profile.busy_ms(kernels) == 2.0  # microseconds in, milliseconds out: 1500 + 500
+    assert step_profile.busy_ms([]) == 0.0
