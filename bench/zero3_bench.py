@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import fsdp2_bench as fb  # noqa: E402
 from bench.fsdp2_bench import (  # noqa: E402
-    GIB, TARGETS, all_max, build_model, fmt, gib_allocated, header, log, make_batch, source_id, sync, time_resample,
+    GIB, TARGETS, all_max, build_model, fmt, gib_allocated, header, log, make_batch, sync, time_resample,
     time_steps, write,
 )
 

@@ -22,7 +22,7 @@ from .checkpoint import FOLDER, complete_checkpoints, load_checkpoint, save_chec
 from .chunked_loss import loss_inside_forward
 from .config import TrainConfig, to_dict
 from .engines import engine_for
-from .engines.fsdp2 import is_sharded, replicated_factors, sync_replicated_grads
+from .engines.fsdp2 import is_sharded, replicated_factors
 from .export import save_merged
 from .guard import DivergedError, agree, check_layers, nonfinite, nonfinite_grads
 from .loading import DTYPES
@@ -98,7 +98,8 @@ class TrainingRun:
         self.params = adapter_parameters(module)
         self.replicated_factors = bool(replicated_factors(module)) and is_sharded(module)
         self.layers = rosa_layers(module)
-        self.engine = engine_for(module).name
+        self.engine_ops = engine_for(module)
+        self.engine = self.engine_ops.name
         self.step, self.epoch, self.batches, self.skip, self.skipped = 0, 0, 0, 0, 0
         self.eval_before, self.saved_step, self.metrics = None, None, None
 
@@ -225,7 +226,7 @@ class TrainingRun:
                     raise self.diverged(f"non-finite loss at step {self.step + 1}")
             accelerator.backward(loss * self._target_share(labels) if accelerator.num_processes > 1 else loss)
             if accelerator.sync_gradients and self.replicated_factors:
-                sync_replicated_grads(self.module)
+                self.engine_ops.sync_gradients(self.module)
             if accelerator.sync_gradients and not self.deepspeed:
                 stop, bad_loss, bad_grad = agree(accelerator.device, self.watch.requested, loss_bad,
                                                  nonfinite_grads(self.params))

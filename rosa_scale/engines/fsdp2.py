@@ -107,6 +107,7 @@ def _write(p: nn.Parameter, value: torch.Tensor | None, src: int) -> None:
 class Fsdp2Engine:
     name = "fsdp2"
     reset_optimizer_state = staticmethod(reset_optimizer_state)
+    sync_gradients = staticmethod(sync_replicated_grads)  # FSDP2 reduces the sharded ones in backward
 
     @torch.no_grad()
     def resplit(self, model, layers, index: int, config) -> None:

@@ -26,6 +26,10 @@ class LocalEngine:
     name = "local"
     reset_optimizer_state = staticmethod(reset_optimizer_state)
 
+    @staticmethod
+    def sync_gradients(model) -> None:
+        """Nothing left to average: one process, or DDP's own all-reduce in backward."""
+
     @torch.no_grad()
     def resplit(self, model, layers, index: int, config) -> None:
         size, rank = world()

@@ -35,6 +35,10 @@ def is_partitioned(model) -> bool:
 class Zero3Engine:
     name = "zero3"
 
+    @staticmethod
+    def sync_gradients(model) -> None:
+        """Nothing left to average: DeepSpeed reduces every gradient itself."""
+
     @torch.no_grad()
     def resplit(self, model, layers, index: int, config) -> None:
         refuse_quantized(layers, "DeepSpeed ZeRO-3")
