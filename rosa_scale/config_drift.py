@@ -27,13 +27,16 @@ def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:
         return isinstance(old, int) and isinstance(new, int) and new > old
     if key == "epochs":  # unused while max_steps is set; more epochs without it means a longer run
         return (now.get("max_steps") is not None and before.get("max_steps") is not None) or new > old
+    if key == "fsdp_factors":  # where the factors live under rosa-train's FSDP2; nothing without it
+        return not before.get("fsdp", False) and not now.get("fsdp", False)
     if key in ("eval_dataset", "eval_fraction"):  # the held-out set only, unless it was cut from the data
         return before.get("eval_dataset") is not None and now.get("eval_dataset") is not None
     return False
 
 
 # Keys newer than some checkpoints, with the values that train as runs did before the key existed.
-BEFORE_KEY = {"packing": ("concatenated", "padded")}  # plain text as one stream; chat one example per block
+BEFORE_KEY = {"packing": ("concatenated", "padded"),  # plain text as one stream; chat one example per block
+              "fsdp_factors": ("sharded",)}
 
 
 def changed_keys(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
@@ -43,7 +46,7 @@ def changed_keys(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     changed = [(k, before[k], now[k]) for k in now
                if k in before and before[k] != now[k] and not _harmless(k, before[k], now[k], before, now)]
     return changed + [(k, f"unset (then: {' or '.join(old)})", now[k]) for k, old in BEFORE_KEY.items()
-                      if k not in before and now.get(k) not in old]
+                      if k not in before and now.get(k) not in old and not _harmless(k, None, now[k], before, now)]
 
 
 def check_resume_config(saved: dict | None, cfg: TrainConfig, checkpoint: str) -> list[str]:

@@ -165,6 +165,24 @@ def test_a_checkpoint_older_than_packing_resumes_only_as_it_was_packed():
     assert changed_keys(saved, TrainConfig(packing="padded")) == []
 
 
+def test_where_fsdp2_keeps_the_factors_is_part_of_a_resumed_run_only_under_fsdp():
+    """A checkpoint from before ``fsdp_factors`` had its factors sharded under FSDP2: resuming it with them
+    whole (auto's choice for a small adapter) is refused like any change; without FSDP2 the key means nothing."""
+    from rosa_scale.config import TrainConfig, to_dict
+    from rosa_scale.config_drift import changed_keys
+
+    old = to_dict(TrainConfig(fsdp=True))
+    del old["fsdp_factors"]
+    assert changed_keys(old, TrainConfig(fsdp=True)) == [("fsdp_factors", "unset (then: sharded)", "auto")]
+    assert changed_keys(old, TrainConfig(fsdp=True, fsdp_factors="sharded")) == []
+    local = to_dict(TrainConfig())
+    del local["fsdp_factors"]
+    assert changed_keys(local, TrainConfig()) == []
+    sharded = to_dict(TrainConfig(fsdp=True, fsdp_factors="sharded"))
+    assert changed_keys(sharded, TrainConfig(fsdp=True)) == [("fsdp_factors", "sharded", "auto")]
+    assert changed_keys(to_dict(TrainConfig(fsdp_factors="sharded")), TrainConfig()) == []
+
+
 def test_resume_override_names_must_be_config_keys(tiny_model_dir, tiny_data, tmp_path, capsys):
     result = _run(_args(tiny_model_dir, tiny_data, tmp_path / "x", "--resume-override", "[learning_rate]"), capsys)
     _one_error(result, 2, "resume_override", "learning_rate")
