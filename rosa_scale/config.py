@@ -173,7 +173,7 @@ class TrainConfig:
     fsdp_factors: Literal["auto", "sharded", "replicated"] = "auto"
     """With fsdp: true, the ROSA factors sharded like the weights, or whole on every process (FSDP2
     leaves them out; their gradients are averaged in one all-reduce per step and AdamW steps them as
-    plain tensors: a 1-2.7% faster step on an H200 at Llama-3-8B, r=16, bench/NOTES.md). Replicated
+    plain tensors: a 1.1-4.5% faster step on an H200 at Llama-3-8B, r=16, bench/NOTES.md). Replicated
     costs each process the factors' whole fp32 state (~0.6 GiB at Llama-3-8B, r=16). auto: replicated
     while the factors hold at most 64 Mi numbers (1 GiB of fp32 weights, gradients and AdamW moments),
     sharded above."""
