@@ -57,12 +57,11 @@ def summarize(prefix: str) -> dict:
                      f"rosa_over_frozen_{gpus}gpu": rosa / fast["frozen_tok_s_per_gpu"],
                      f"rosa_over_peft_compiled_{gpus}gpu": rosa / fast["peft_lora_tok_s_per_gpu"],
                      f"peak_gib_rosa_compiled_{gpus}gpu": fast["rosa_peak_gib"]})
-        if "rosa_unfused_tok_s_per_gpu" in fast:  # the same ROSA with base and factors as separate operations
-            flat[f"tok_s_rosa_unfused_compiled_{gpus}gpu"] = fast["rosa_unfused_tok_s_per_gpu"]
-            flat[f"rosa_over_unfused_{gpus}gpu"] = rosa / fast["rosa_unfused_tok_s_per_gpu"]
-        if "rosa_sharded_tok_s_per_gpu" in fast:  # the factors sharded by FSDP2 (fsdp_factors: sharded)
-            flat[f"tok_s_rosa_sharded_compiled_{gpus}gpu"] = fast["rosa_sharded_tok_s_per_gpu"]
-            flat[f"rosa_over_sharded_{gpus}gpu"] = rosa / fast["rosa_sharded_tok_s_per_gpu"]
+        # the same ROSA with one default changed: base and factors as separate operations, factors sharded
+        for mode, label in (("rosa_unfused", "unfused"), ("rosa_sharded", "sharded")):
+            if f"{mode}_tok_s_per_gpu" in fast:
+                flat[f"tok_s_{mode}_compiled_{gpus}gpu"] = fast[f"{mode}_tok_s_per_gpu"]
+                flat[f"rosa_over_{label}_{gpus}gpu"] = rosa / fast[f"{mode}_tok_s_per_gpu"]
         if eager:
             flat[f"tok_s_peft_eager_{gpus}gpu"] = eager["peft_lora_tok_s_per_gpu"]
             flat[f"rosa_over_peft_{gpus}gpu"] = rosa / eager["peft_lora_tok_s_per_gpu"]
