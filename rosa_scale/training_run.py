@@ -225,7 +225,7 @@ class TrainingRun:
                     self.metrics.log(self.step + 1, loss=None, nonfinite="loss")
                     raise self.diverged(f"non-finite loss at step {self.step + 1}")
             accelerator.backward(loss * self._target_share(labels) if accelerator.num_processes > 1 else loss)
-            if accelerator.sync_gradients and self.replicated_factors:
+            if accelerator.sync_gradients:  # whatever averaging the engine's wrapper leaves to the loop
                 self.engine_ops.sync_gradients(self.module)
             if accelerator.sync_gradients and not self.deepspeed:
                 stop, bad_loss, bad_grad = agree(accelerator.device, self.watch.requested, loss_bad,
