@@ -228,7 +228,7 @@ def train_step(model, opt, ids: torch.Tensor, chunk: int = 0, positions: torch.T
         loss = model(input_ids=ids, labels=ids, position_ids=positions, use_cache=False).loss
     forward = time.perf_counter()
     loss.backward()
-    if model in AFTER_BACKWARD:  # rosa_replicated: the factors' gradient all-reduce rosa-train makes
+    if model in AFTER_BACKWARD:  # ROSA: the gradient averaging rosa-train asks of its engine
         AFTER_BACKWARD[model](model)
     backward = time.perf_counter()
     if opt is not None:
@@ -325,6 +325,7 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto
     rosa_sharded force one)."""
     from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
     from rosa_scale.config import TrainConfig, factors_replicated
+    from rosa_scale.engines import engine_for
     from rosa_scale.engines.fsdp2 import shard_model
     from rosa_scale.optimizers import build_optimizer
 
@@ -345,10 +346,7 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto
     sync(dev)
     first = all_max([time.perf_counter() - start], dev)[0]
     opt = build_optimizer("adamw", adapter_parameters(model), lr=1e-4, weight_decay=0.01)
-    if replicate_factors:
-        from rosa_scale.engines.fsdp2 import sync_replicated_grads
-
-        AFTER_BACKWARD[model] = sync_replicated_grads
+    AFTER_BACKWARD[model] = engine_for(model).sync_gradients  # whole factors: their all-reduce
     config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
               for k, v in dataclasses.asdict(model.rosa_state.config).items()}
     return model, opt, {"rosa_first_split_s_eigh": first, "host_rss_gib_after_split": all_max([host_rss_gib()], dev)[0],
