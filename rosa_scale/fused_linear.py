@@ -5,7 +5,10 @@ back (forward), and its input gradient ``grad_h @ down`` is written and then add
 (backward): memory-bound passes over activation-sized tensors around matmuls that are otherwise
 compute-bound. Here the thin product is written once and the base GEMM accumulates into it in place
 (``addmm_``: read inside the GEMM's epilogue), forward and backward; ``down(x)`` is kept for the
-backward instead of recomputed. Same function and gradients (tests/test_fused_linear.py).
+backward instead of recomputed. Factors held wider than the activations (fp32 beside a bf16 base) are
+cast inside the node and their gradients come out of the GEMMs' fp32 accumulators in their own dtype:
+no cast kernel per factor in the backward, and no rounding to bf16 on the way. Same function and
+gradients (tests/test_fused_linear.py).
 """
 from __future__ import annotations
 
@@ -31,11 +34,26 @@ torch.library.register_fake("rosa_scale::accumulate_mm", lambda acc, a, b: None,
 accumulate_mm = torch.ops.rosa_scale.accumulate_mm.default
 
 
+def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype``: written straight from the fp32 accumulator where the backend can (CUDA)."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
 class FusedRosaLinear(torch.autograd.Function):
-    """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``."""
+    """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``.
+
+    ``down`` and ``up`` may be wider than ``x`` (fp32 factors, bf16 activations): used in ``x``'s dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, transposed: bool):
+        ctx.factor_dtype = down.dtype
+        if down.dtype != x.dtype:  # both in one cast: one kernel where the graph is compiled, not two
+            both = torch.cat([down.reshape(-1), up.reshape(-1)]).to(x.dtype)
+            down, up = both[:down.numel()].view(down.shape), both[down.numel():].view(up.shape)
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ down.t()
         out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
@@ -63,17 +81,18 @@ class FusedRosaLinear(torch.autograd.Function):
         if need_b:
             grad_b = g.sum(0).reshape(ctx.bias_shape)
         if need_down:
-            grad_down = grad_h.t() @ x2
+            grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
         if need_up:
-            grad_up = g.t() @ h
+            grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
         return grad_x, grad_w, grad_b, grad_down, grad_up, None
 
 
-def fusable(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
+def fusable(base: nn.Module, x: torch.Tensor, factor_dtype: torch.dtype) -> bool:
     """Whether the fused node computes exactly what ``base(x) + up(down(x))`` does here.
 
     Only a plain layer whose forward is its class's own and has no hooks (ZeRO-3 gathers weights in
-    hooks; accelerate's offload replaces ``forward``), all in one floating dtype, autocast off."""
+    hooks; accelerate's offload replaces ``forward``), all in one floating dtype (``factor_dtype``: the
+    dtype the factors are used in), autocast off."""
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
@@ -81,5 +100,5 @@ def fusable(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tens
     if torch.is_autocast_enabled(x.device.type):
         return False
     weight, bias = base.weight, getattr(base, "bias", None)
-    dtypes = {x.dtype, weight.dtype, down.dtype, up.dtype} | ({bias.dtype} if bias is not None else set())
+    dtypes = {x.dtype, weight.dtype, factor_dtype} | ({bias.dtype} if bias is not None else set())
     return len(dtypes) == 1 and x.dtype.is_floating_point

@@ -112,10 +112,11 @@ class RosaLinear(nn.Module):
         return self.up.to(self.compute_dtype), self.down.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fusable(self.base, x, self.compute_dtype or self.up.dtype):
+            # the factors as they are: the node casts them to x's dtype and returns gradients in theirs
+            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
+                                         self.up, self.transposed)
         up, down = self.factors()
-        if self.fused and fusable(self.base, x, down, up):
-            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), down, up,
-                                         self.transposed)
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)
         return out + delta.to(out.dtype)

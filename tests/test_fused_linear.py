@@ -151,3 +151,28 @@ def test_compute_dtype_casts_whole_fp32_factors_to_the_base_dtype_and_keeps_fp32
     ref.square().sum().backward()
     for got, want in ((out, ref), (layer.up.grad, up.grad), (layer.down.grad, down.grad)):
         assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_factor_gradients_come_from_the_gemm_accumulator_unrounded():
+    """fp32 factors beside a bf16 base: their gradients are the exact products of the bf16 operands up to
+    fp32 accumulation, not rounded to bf16 and cast back (which would be ~100x further off)."""
+    torch.manual_seed(0)
+    layer = RosaLinear(nn.Linear(1024, 512, bias=False).to("cuda", torch.bfloat16), rank=16,
+                       adapter_dtype=torch.float32).cuda()
+    with torch.no_grad():
+        layer.up.normal_()
+        layer.down.normal_()
+    layer.compute_dtype = torch.bfloat16
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    layer(x).backward(grad_out)
+    assert layer.up.grad.dtype == layer.down.grad.dtype == torch.float32
+    up, down = layer.up.detach().bfloat16(), layer.down.detach().bfloat16()
+    h, grad_h = x @ down.t(), grad_out @ up  # the bf16 operands the node multiplies, as cuBLAS rounds them
+    for got, a, b in ((layer.up.grad, grad_out.t(), h), (layer.down.grad, grad_h.t(), x)):
+        exact = a.double() @ b.double()
+        error = ((got.double() - exact).abs().max() / exact.abs().max()).item()
+        rounded = ((got.bfloat16().double() - exact).abs().max() / exact.abs().max()).item()
+        assert error < 1e-5 and error < rounded / 20, (error, rounded)
