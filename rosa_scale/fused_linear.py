@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from . import thin_grads
+
 
 # ``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot see into,
 # so it stays in place (traced as ``addmm``, it becomes out-of-place and copies ``acc`` first: a pass as costly
@@ -70,8 +72,13 @@ class FusedRosaLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        grad_h = g @ up if (need_x or need_down) else None
         grad_x = grad_w = grad_b = grad_down = grad_up = None
+        if need_up and (need_x or need_down) and thin_grads.usable(g, up, h):  # one read of g for both
+            grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
+        else:
+            grad_h = g @ up if (need_x or need_down) else None
+            if need_up:
+                grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
         if need_x:
             grad_x = grad_h @ down
             accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
@@ -82,8 +89,6 @@ class FusedRosaLinear(torch.autograd.Function):
             grad_b = g.sum(0).reshape(ctx.bias_shape)
         if need_down:
             grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
-        if need_up:
-            grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
         return grad_x, grad_w, grad_b, grad_down, grad_up, None
 
 

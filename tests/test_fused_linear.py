@@ -9,11 +9,11 @@ from rosa_scale.layer import RosaLinear
 from tests.tiny import tiny_llama
 
 
-def _layer(base: nn.Module, dtype: torch.dtype, fused: bool, seed: int = 0) -> RosaLinear:
+def _layer(base: nn.Module, dtype: torch.dtype, fused: bool, seed: int = 0, rank: int = 3) -> RosaLinear:
     torch.manual_seed(seed)
     for p in base.parameters():
         nn.init.normal_(p)
-    layer = RosaLinear(base.to(dtype), rank=3, adapter_dtype=dtype)
+    layer = RosaLinear(base.to(dtype), rank=rank, adapter_dtype=dtype)
     with torch.no_grad():
         layer.up.normal_()
         layer.down.normal_()
@@ -107,11 +107,12 @@ def test_apply_rosa_fused_config_gives_the_same_model_loss_and_gradients():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fused_layer_in_bf16_on_cuda_compiled_is_as_accurate_as_separate_operations():
+@pytest.mark.parametrize("rank", [3, 16])  # 16: the output gradient's two products in one kernel
+def test_fused_layer_in_bf16_on_cuda_compiled_is_as_accurate_as_separate_operations(rank):
     """cuBLAS with an accumulator (beta=1), compiled: no further from float64 than the separate operations."""
     errors = {}
     for fused in (True, False):
-        layer = _layer(nn.Linear(1024, 512), torch.bfloat16, fused=fused).cuda()
+        layer = _layer(nn.Linear(1024, 512), torch.bfloat16, fused=fused, rank=rank).cuda()
         x = torch.randn(4, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad_out = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
         out = torch.compile(layer)(x)
@@ -170,9 +171,10 @@ def test_fp32_factor_gradients_come_from_the_gemm_accumulator_unrounded():
     layer(x).backward(grad_out)
     assert layer.up.grad.dtype == layer.down.grad.dtype == torch.float32
     up, down = layer.up.detach().bfloat16(), layer.down.detach().bfloat16()
-    h, grad_h = x @ down.t(), grad_out @ up  # the bf16 operands the node multiplies, as cuBLAS rounds them
-    for got, a, b in ((layer.up.grad, grad_out.t(), h), (layer.down.grad, grad_h.t(), x)):
+    h = x @ down.t()  # the bf16 operand the node multiplies
+    grad_h = (grad_out.double() @ up.double()).bfloat16()  # as rounded to bf16 (a rare element may differ by 1 ulp)
+    for got, a, b, tol in ((layer.up.grad, grad_out.t(), h, 1e-5), (layer.down.grad, grad_h.t(), x, 2e-4)):
         exact = a.double() @ b.double()
         error = ((got.double() - exact).abs().max() / exact.abs().max()).item()
         rounded = ((got.bfloat16().double() - exact).abs().max() / exact.abs().max()).item()
-        assert error < 1e-5 and error < rounded / 20, (error, rounded)
+        assert error < tol and error < rounded / 5, (error, rounded)
