@@ -79,16 +79,19 @@ class FusedRosaLinear(torch.autograd.Function):
             grad_h = g @ up if (need_x or need_down) else None
             if need_up:
                 grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
+        if need_x and need_down and thin_grads.usable(x2, down, grad_h):  # one read of x, one write of its size
+            grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
+        else:
+            grad_x = grad_h @ down if need_x else None
+            if need_down:
+                grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
         if need_x:
-            grad_x = grad_h @ down
             accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
             grad_x = grad_x.view(x.shape)
         if need_w:
             grad_w = x2.t() @ g if ctx.transposed else g.t() @ x2
         if need_b:
             grad_b = g.sum(0).reshape(ctx.bias_shape)
-        if need_down:
-            grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
         return grad_x, grad_w, grad_b, grad_down, grad_up, None
 
 

@@ -1,11 +1,13 @@
-"""``grad_h = g @ up`` and ``grad_up = g^T @ h`` from one read of the output gradient ``g`` (CUDA, Triton).
+"""The adapter's backward products in pairs, each pair from one read of an activation-sized tensor (CUDA, Triton).
 
-Both products of the adapter's backward stream the whole ``tokens x out`` output gradient while computing
-a rank-r result; as two cuBLAS GEMMs (each split over its long reduction and reduced again) they read it
-twice and take 1.3-1.9x the time of this kernel at Llama-3-8B's shapes on an H200, where each program
-multiplies one tile of ``g`` both ways and adds its parts into fp32 results. The sums are made with atomic
-adds, so their rounding order varies between runs: under ``torch.use_deterministic_algorithms(True)`` the
-two GEMMs run instead. Elsewhere (CPU, no Triton, ranks that are not a power of two >= 16) likewise.
+``grad_h = g @ up`` and ``grad_up = g^T @ h`` both stream the ``tokens x out`` output gradient ``g``;
+``grad_down = grad_h^T @ x`` reads the ``tokens x in`` input while ``grad_h @ down`` writes one of that size.
+As cuBLAS GEMMs (the long reductions split and reduced again) each pair takes 1.3-1.9x the time of one
+kernel here at Llama-3-8B's shapes on an H200 (bench/results/thin-grads-2026-12-01-*.json): each program
+multiplies one tile both ways and adds its part of the rank-r result into fp32 sums. Those sums are made
+with atomic adds, so their rounding order varies between runs: under
+``torch.use_deterministic_algorithms(True)`` the GEMMs run instead, as they do on CPU, without Triton, and
+for ranks that are not a power of two >= 16.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ except ImportError:  # CPU-only installs: the GEMMs do the work
 
 _LIBRARY = torch.library.Library("rosa_scale", "FRAGMENT")
 _LIBRARY.define("grad_h_and_up(Tensor g, Tensor up, Tensor h, ScalarType up_dtype) -> (Tensor, Tensor)")
+_LIBRARY.define("grad_down_and_x(Tensor x, Tensor down, Tensor grad_h, ScalarType down_dtype) -> (Tensor, Tensor)")
 
 
-def usable(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor) -> bool:
-    """Whether the kernel computes this backward: CUDA half-precision operands in one dtype, a
-    power-of-two rank of at least 16, unit stride along the rows, deterministic algorithms off."""
-    rank = up.shape[-1]
-    return (triton is not None and g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
-            and up.dtype == h.dtype == g.dtype and rank >= 16 and rank & (rank - 1) == 0
-            and g.dim() == 2 and g.stride(1) == 1 and up.is_contiguous() and h.is_contiguous()
+def usable(wide: torch.Tensor, factor: torch.Tensor, thin: torch.Tensor) -> bool:
+    """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype, a power-of-two
+    rank of at least 16, the wide (tokens x features) operand's rows of unit stride, deterministic
+    algorithms off. ``factor`` is ``up`` (out x r) or ``down`` (r x in), ``thin`` the tokens x r operand."""
+    rank = thin.shape[-1]
+    return (triton is not None and wide.is_cuda and wide.dtype in (torch.bfloat16, torch.float16)
+            and factor.dtype == thin.dtype == wide.dtype and rank >= 16 and rank & (rank - 1) == 0
+            and wide.dim() == 2 and wide.stride(1) == 1 and factor.is_contiguous() and thin.is_contiguous()
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -55,6 +59,30 @@ if triton is not None:
                       sem="relaxed")
 
 
+if triton is not None:
+    @triton.jit
+    def _grad_down_and_x_kernel(x, down, grad_h, grad_x, grad_down, tokens, width, x_row_stride,
+                                RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                                STEPS: tl.constexpr):
+        """Program (i, j): columns block j of ``x`` over STEPS row blocks from i * STEPS."""
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ranks = tl.arange(0, RANK)
+        col_ok = cols < width
+        down_cols = tl.load(down + ranks[:, None] * width + cols[None, :], mask=col_ok[None, :], other=0.0)
+        grad_down_cols = tl.zeros([RANK, BLOCK_D], tl.float32)
+        for step in range(STEPS):
+            rows = (tl.program_id(0) * STEPS + step) * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < tokens
+            grad_h_rows = tl.load(grad_h + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
+            tile = tl.load(x + rows[:, None] * x_row_stride + cols[None, :],
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            grad_down_cols += tl.dot(tl.trans(grad_h_rows), tile)
+            tl.store(grad_x + rows[:, None] * width + cols[None, :],
+                     tl.dot(grad_h_rows, down_cols).to(tile.dtype), mask=row_ok[:, None] & col_ok[None, :])
+        tl.atomic_add(grad_down + ranks[:, None] * width + cols[None, :], grad_down_cols, mask=col_ok[None, :],
+                      sem="relaxed")
+
+
 def _grad_h_and_up(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor, up_dtype: torch.dtype):
     tokens, width = g.shape
     rank = up.shape[1]
@@ -67,7 +95,19 @@ def _grad_h_and_up(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor, up_dtype:
     return grad_h.to(g.dtype), grad_up.to(up_dtype)
 
 
+def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, down_dtype: torch.dtype):
+    tokens, width = x.shape
+    rank = down.shape[0]
+    grad_x = torch.empty(tokens, width, device=x.device, dtype=x.dtype)
+    grad_down = torch.zeros(rank, width, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, 128))  # measured as above
+    _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), rank, 64, 128, 8,
+                                  num_warps=4, num_stages=3)
+    return grad_down.to(down_dtype), grad_x
+
+
 _LIBRARY.impl("grad_h_and_up", _grad_h_and_up, "CompositeExplicitAutograd")
+_LIBRARY.impl("grad_down_and_x", _grad_down_and_x, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("rosa_scale::grad_h_and_up", lib=_LIBRARY)
@@ -75,4 +115,10 @@ def _grad_h_and_up_fake(g, up, h, up_dtype):
     return g.new_empty(g.shape[0], up.shape[1]), up.new_empty(up.shape, dtype=up_dtype)
 
 
+@torch.library.register_fake("rosa_scale::grad_down_and_x", lib=_LIBRARY)
+def _grad_down_and_x_fake(x, down, grad_h, down_dtype):
+    return down.new_empty(down.shape, dtype=down_dtype), x.new_empty(x.shape)
+
+
 grad_h_and_up = torch.ops.rosa_scale.grad_h_and_up.default
+grad_down_and_x = torch.ops.rosa_scale.grad_down_and_x.default

@@ -1,4 +1,4 @@
-"""The adapter's two output-gradient products from one read (Triton on CUDA) against float64."""
+"""The adapter's backward products in pairs from one read (Triton on CUDA) against float64."""
 import pytest
 import torch
 
@@ -40,3 +40,24 @@ def test_grad_h_and_up_match_float64_products(tokens, width, rank, dtype):
         assert ((grad_h.double() - exact_h).abs() <= unit * exact_h.abs() + 1e-3).all()
         up_tol = 1e-5 if up_dtype == torch.float32 else unit
         assert (grad_up.double() - exact_up).abs().max() <= up_tol * exact_up.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens,width,rank", [(4096, 4096, 16), (1000, 1000, 16), (300, 14336, 32), (257, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_down_and_x_match_float64_products(tokens, width, rank, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(tokens, width, device="cuda", dtype=dtype)
+    down = torch.randn(rank, width, device="cuda", dtype=dtype)
+    grad_h = torch.randn(tokens, rank, device="cuda", dtype=dtype)
+    assert thin_grads.usable(x, down, grad_h)
+    for down_dtype in (torch.float32, dtype):
+        grad_down, grad_x = thin_grads.grad_down_and_x(x, down, grad_h, down_dtype)
+        assert grad_down.dtype == down_dtype and grad_x.dtype == dtype
+        assert grad_down.shape == (rank, width) and grad_x.shape == (tokens, width)
+        exact_down, exact_x = grad_h.double().t() @ x.double(), grad_h.double() @ down.double()
+        unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        assert ((grad_x.double() - exact_x).abs() <= unit * exact_x.abs() + 1e-3).all()
+        down_tol = 1e-5 if down_dtype == torch.float32 else unit
+        assert (grad_down.double() - exact_down).abs().max() <= down_tol * exact_down.abs().max()
