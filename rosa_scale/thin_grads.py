@@ -2,7 +2,7 @@
 
 ``grad_h = g @ up`` and ``grad_up = g^T @ h`` both stream the ``tokens x out`` output gradient ``g``;
 ``grad_down = grad_h^T @ x`` reads the ``tokens x in`` input while ``grad_h @ down`` writes one of that size.
-As cuBLAS GEMMs (the long reductions split and reduced again) each pair takes 1.3-1.9x the time of one
+As cuBLAS GEMMs (the long reductions split and reduced again) each pair takes 1.2-1.9x the time of one
 kernel here at Llama-3-8B's shapes on an H200 (bench/results/thin-grads-2026-12-01-*.json): each program
 multiplies one tile both ways and adds its part of the rank-r result into fp32 sums. Those sums are made
 with atomic adds, so their rounding order varies between runs: under
