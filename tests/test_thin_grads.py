@@ -20,44 +20,37 @@ def test_the_kernel_stands_aside_where_it_cannot_run():
             torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tokens,width,rank", [(4096, 4096, 16), (1000, 1000, 16), (300, 14336, 32), (257, 64, 64)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grad_h_and_up_match_float64_products(tokens, width, rank, dtype):
-    torch.manual_seed(0)
-    g = torch.randn(tokens, width, device="cuda", dtype=dtype)
-    up = torch.randn(width, rank, device="cuda", dtype=dtype)
-    h = torch.randn(tokens, rank, device="cuda", dtype=dtype)
-    assert thin_grads.usable(g, up, h)
-    for up_dtype in (torch.float32, dtype):
-        grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, up_dtype)
-        assert grad_h.dtype == dtype and grad_up.dtype == up_dtype
-        assert grad_h.shape == (tokens, rank) and grad_up.shape == (width, rank)
-        exact_h, exact_up = g.double() @ up.double(), g.double().t() @ h.double()
-        # grad_h is rounded once to the activations' dtype; grad_up keeps fp32 where asked
-        unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-        assert ((grad_h.double() - exact_h).abs() <= unit * exact_h.abs() + 1e-3).all()
-        up_tol = 1e-5 if up_dtype == torch.float32 else unit
-        assert (grad_up.double() - exact_up).abs().max() <= up_tol * exact_up.abs().max()
+def _up_side(tokens, width, rank, dtype):
+    """g (tokens x out), up (out x r), h (tokens x r) -> grad_h (tokens x r), grad_up (out x r)."""
+    g, up, h = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((tokens, width), (width, rank),
+                                                                              (tokens, rank)))
+    exact = (g.double() @ up.double(), g.double().t() @ h.double())  # (activation-side, factor-side)
+    return (g, up, h), thin_grads.grad_h_and_up, exact, lambda out: (out[0], out[1])
+
+
+def _down_side(tokens, width, rank, dtype):
+    """x (tokens x in), down (r x in), grad_h (tokens x r) -> grad_down (r x in), grad_x part (tokens x in)."""
+    x, down, grad_h = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((tokens, width), (rank, width),
+                                                                                     (tokens, rank)))
+    exact = (grad_h.double() @ down.double(), grad_h.double().t() @ x.double())
+    return (x, down, grad_h), thin_grads.grad_down_and_x, exact, lambda out: (out[1], out[0])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("side", [_up_side, _down_side], ids=["g-up-and-g^T-h", "grad_h^T-x-and-grad_h-down"])
 @pytest.mark.parametrize("tokens,width,rank", [(4096, 4096, 16), (1000, 1000, 16), (300, 14336, 32), (257, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grad_down_and_x_match_float64_products(tokens, width, rank, dtype):
+def test_each_pair_matches_float64_products(side, tokens, width, rank, dtype):
     torch.manual_seed(0)
-    x = torch.randn(tokens, width, device="cuda", dtype=dtype)
-    down = torch.randn(rank, width, device="cuda", dtype=dtype)
-    grad_h = torch.randn(tokens, rank, device="cuda", dtype=dtype)
-    assert thin_grads.usable(x, down, grad_h)
-    for down_dtype in (torch.float32, dtype):
-        grad_down, grad_x = thin_grads.grad_down_and_x(x, down, grad_h, down_dtype)
-        assert grad_down.dtype == down_dtype and grad_x.dtype == dtype
-        assert grad_down.shape == (rank, width) and grad_x.shape == (tokens, width)
-        exact_down, exact_x = grad_h.double().t() @ x.double(), grad_h.double() @ down.double()
+    operands, op, (exact_act, exact_factor), order = side(tokens, width, rank, dtype)
+    assert thin_grads.usable(*operands)
+    for factor_dtype in (torch.float32, dtype):
+        act, factor = order(op(*operands, factor_dtype))
+        assert act.dtype == dtype and factor.dtype == factor_dtype
+        assert act.shape == exact_act.shape and factor.shape == exact_factor.shape
+        # the activation-sized result is rounded once to the activations' dtype; the factor's keeps fp32 where asked
         unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-        assert ((grad_x.double() - exact_x).abs() <= unit * exact_x.abs() + 1e-3).all()
-        down_tol = 1e-5 if down_dtype == torch.float32 else unit
-        assert (grad_down.double() - exact_down).abs().max() <= down_tol * exact_down.abs().max()
+        assert ((act.double() - exact_act).abs() <= unit * exact_act.abs() + 1e-3).all()
+        factor_tol = 1e-5 if factor_dtype == torch.float32 else unit
+        assert (factor.double() - exact_factor).abs().max() <= factor_tol * exact_factor.abs().max()
