@@ -27,11 +27,13 @@ _LIBRARY.define("grad_down_and_x(Tensor x, Tensor down, Tensor grad_h, ScalarTyp
 def usable(wide: torch.Tensor, factor: torch.Tensor, thin: torch.Tensor) -> bool:
     """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype, a power-of-two
     rank of at least 16, the wide (tokens x features) operand's rows of unit stride, deterministic
-    algorithms off. ``factor`` is ``up`` (out x r) or ``down`` (r x in), ``thin`` the tokens x r operand."""
+    algorithms off, and offsets that fit the kernels' 32-bit index arithmetic. ``factor`` is ``up``
+    (out x r) or ``down`` (r x in), ``thin`` the tokens x r operand."""
     rank = thin.shape[-1]
-    return (triton is not None and wide.is_cuda and wide.dtype in (torch.bfloat16, torch.float16)
-            and factor.dtype == thin.dtype == wide.dtype and rank >= 16 and rank & (rank - 1) == 0
-            and wide.dim() == 2 and wide.stride(1) == 1 and factor.is_contiguous() and thin.is_contiguous()
+    return (triton is not None and wide.is_cuda and wide.dim() == 2 and wide.stride(1) == 1
+            and wide.numel() < 2 ** 31 and wide.stride(0) * wide.shape[0] < 2 ** 31
+            and wide.dtype in (torch.bfloat16, torch.float16) and factor.dtype == thin.dtype == wide.dtype
+            and rank >= 16 and rank & (rank - 1) == 0 and factor.is_contiguous() and thin.is_contiguous()
             and not torch.are_deterministic_algorithms_enabled())
 
 

@@ -13,6 +13,10 @@ def test_the_kernel_stands_aside_where_it_cannot_run():
         assert thin_grads.usable(g, up, h)
         assert not thin_grads.usable(g, up[:, :12].contiguous(), h[:, :12].contiguous())  # rank 12
         assert not thin_grads.usable(g.t().contiguous().t(), up, h)  # columns not contiguous
+        big = torch.empty(2 ** 31 // 4096, 4096, device="cuda", dtype=torch.bfloat16)  # 2^31 numbers: 64-bit offsets
+        assert not thin_grads.usable(big, torch.empty(4096, 16, device="cuda", dtype=torch.bfloat16),
+                                     torch.empty(big.shape[0], 16, device="cuda", dtype=torch.bfloat16))
+        del big
         torch.use_deterministic_algorithms(True)
         try:
             assert not thin_grads.usable(g, up, h)  # atomic sums vary in order: the GEMMs instead
