@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
-MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_replicated", "rosa_sharded")
+MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_gemms", "rosa_replicated", "rosa_sharded")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -318,12 +318,13 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     return model, opt, {}
 
 
-def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto") -> tuple:
+def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto", kernels: bool = True) -> tuple:
     """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, rosa-train's
     AdamW. ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused);
+    ``kernels=False``: the fused backward in cuBLAS GEMMs only, no rosa_scale/thin_grads.py (mode rosa_gemms);
     ``factors``: rosa-train's ``fsdp_factors`` (auto, as rosa-train decides it; modes rosa_replicated and
     rosa_sharded force one)."""
-    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
+    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample, rosa_layers
     from rosa_scale.config import TrainConfig, factors_replicated
     from rosa_scale.engines import engine_for
     from rosa_scale.engines.fsdp2 import shard_model
@@ -332,6 +333,8 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto
     model = build_model(args, dev)
     apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused),
                split=False)
+    for layer in rosa_layers(model).values():
+        layer.backward_kernels = kernels
     policy = mp_policy(dev)
     prepare_layers(model, args, dev)
     numbers = sum(p.numel() for p in adapter_parameters(model))
@@ -415,6 +418,7 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     """Fresh model for ``mode``: timed steps (then resamples, for rosa) into ``result``, saved as they come."""
     setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa,
              "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False),
+             "rosa_gemms": lambda a, d: setup_rosa(a, d, kernels=False),
              "rosa_replicated": lambda a, d: setup_rosa(a, d, factors="replicated"),
              "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded")}[mode]
     model, opt, extra = setup(args, dev)

@@ -8,8 +8,9 @@ reads ``<prefix>-{1gpu,2gpu}-compiled.json`` (frozen, ROSA and PEFT LoRA, each d
 ``-2gpu-run-gc.json``, the same with collections at fixed steps, wins when present), ``<prefix>-70b-2gpu.json``,
 ``<prefix>-2gpu-docs{1,8}.json`` (packed documents), ``<prefix>-8b-loading.json`` and variants of the step
 (``VARIANTS``: checkpointing, a larger batch, AdamW's implementation, mode order); ``rosa`` is the step
-rosa-train takes by default, ``rosa_unfused`` and ``rosa_sharded`` the same with one default changed; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``. Every
-number is read from those files; the ratios pair runs of one machine and call.
+rosa-train takes by default, ``rosa_unfused``, ``rosa_gemms`` (the backward without thin_grads' kernels) and
+``rosa_sharded`` the same with one default changed; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``.
+Every number is read from those files; the ratios pair runs of one machine and call.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-
 
 def variant_ratios(name: str, run: dict) -> dict:
     """tokens/s of each mode in ``run`` and the ratios of ROSA to the others in it."""
-    tok = {mode: run[f"{mode}_tok_s_per_gpu"] for mode in ("frozen", "rosa", "rosa_unfused", "rosa_sharded", "peft_lora")
+    tok = {mode: run[f"{mode}_tok_s_per_gpu"]
+           for mode in ("frozen", "rosa", "rosa_unfused", "rosa_gemms", "rosa_sharded", "peft_lora")
            if f"{mode}_tok_s_per_gpu" in run}
     key = name.replace("-", "_")
     flat = {f"tok_s_{mode}_{key}": value for mode, value in tok.items()}
-    for other, label in (("frozen", "frozen"), ("rosa_unfused", "unfused"), ("rosa_sharded", "sharded"),
-                         ("peft_lora", "peft_compiled")):
+    for other, label in (("frozen", "frozen"), ("rosa_unfused", "unfused"), ("rosa_gemms", "gemms"),
+                         ("rosa_sharded", "sharded"), ("peft_lora", "peft_compiled")):
         if "rosa" in tok and other in tok:
             flat[f"rosa_over_{label}_{key}"] = tok["rosa"] / tok[other]
     return flat
@@ -58,7 +60,7 @@ def summarize(prefix: str) -> dict:
                      f"rosa_over_peft_compiled_{gpus}gpu": rosa / fast["peft_lora_tok_s_per_gpu"],
                      f"peak_gib_rosa_compiled_{gpus}gpu": fast["rosa_peak_gib"]})
         # the same ROSA with one default changed: base and factors as separate operations, factors sharded
-        for mode, label in (("rosa_unfused", "unfused"), ("rosa_sharded", "sharded")):
+        for mode, label in (("rosa_unfused", "unfused"), ("rosa_gemms", "gemms"), ("rosa_sharded", "sharded")):
             if f"{mode}_tok_s_per_gpu" in fast:
                 flat[f"tok_s_{mode}_compiled_{gpus}gpu"] = fast[f"{mode}_tok_s_per_gpu"]
                 flat[f"rosa_over_{label}_{gpus}gpu"] = rosa / fast[f"{mode}_tok_s_per_gpu"]
@@ -121,6 +123,7 @@ def plot(prefix: str, flat: dict) -> None:
 
     rows = [("frozen base, compiled", "frozen_compiled"), ("ROSA, compiled (rosa-train default)", "rosa_compiled"),
             ("ROSA, base and factors apart (fused: false)", "rosa_unfused_compiled"),
+            ("ROSA, backward in cuBLAS only (no Triton kernels)", "rosa_gemms_compiled"),
             ("ROSA, factors sharded (fsdp_factors: sharded)", "rosa_sharded_compiled"),
             ("PEFT LoRA, compiled", "peft_compiled"), ("PEFT LoRA, its defaults", "peft_eager")]
     rows = [(label, key) for label, key in rows if any(f"tok_s_{key}_{g}gpu" in flat for g in (1, 2))]

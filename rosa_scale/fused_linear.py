@@ -48,11 +48,12 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 class FusedRosaLinear(torch.autograd.Function):
     """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``.
 
-    ``down`` and ``up`` may be wider than ``x`` (fp32 factors, bf16 activations): used in ``x``'s dtype."""
+    ``down`` and ``up`` may be wider than ``x`` (fp32 factors, bf16 activations): used in ``x``'s dtype.
+    ``kernels``: the backward may use rosa_scale/thin_grads.py's kernels where they apply (False: GEMMs only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, transposed: bool):
-        ctx.factor_dtype = down.dtype
+    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool = True):
+        ctx.factor_dtype, ctx.kernels = down.dtype, kernels
         if down.dtype != x.dtype:  # both in one cast: one kernel where the graph is compiled, not two
             both = torch.cat([down.reshape(-1), up.reshape(-1)]).to(x.dtype)
             down, up = both[:down.numel()].view(down.shape), both[down.numel():].view(up.shape)
@@ -69,17 +70,18 @@ class FusedRosaLinear(torch.autograd.Function):
     @once_differentiable  # the in-place accumulate has no derivative of its own: double backward is refused
     def backward(ctx, grad_out):
         x, weight, down, up, h = ctx.saved_tensors
-        need_x, need_w, need_b, need_down, need_up, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = grad_down = grad_up = None
-        if need_up and (need_x or need_down) and thin_grads.usable(g, up, h):  # one read of g for both
+        # each pair below from one read of g, then of x, where thin_grads' kernels apply
+        if ctx.kernels and need_up and (need_x or need_down) and thin_grads.usable(g, up, h):
             grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
         else:
             grad_h = g @ up if (need_x or need_down) else None
             if need_up:
                 grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
-        if need_x and need_down and thin_grads.usable(x2, down, grad_h):  # one read of x, one write of its size
+        if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
             grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
         else:
             grad_x = grad_h @ down if need_x else None
@@ -92,7 +94,7 @@ class FusedRosaLinear(torch.autograd.Function):
             grad_w = x2.t() @ g if ctx.transposed else g.t() @ x2
         if need_b:
             grad_b = g.sum(0).reshape(ctx.bias_shape)
-        return grad_x, grad_w, grad_b, grad_down, grad_up, None
+        return grad_x, grad_w, grad_b, grad_down, grad_up, None, None
 
 
 def fusable(base: nn.Module, x: torch.Tensor, factor_dtype: torch.dtype) -> bool:

@@ -65,6 +65,7 @@ class RosaLinear(nn.Module):
         self.out_features, self.in_features = out_features, in_features  # params may be partitioned later
         self.transposed = not isinstance(base, nn.Linear)
         self.fused = type(base) in LINEAR_TYPES  # see rosa_scale/fused_linear.py; False: separate operations
+        self.backward_kernels = True  # the fused node's backward uses rosa_scale/thin_grads.py where it can
         self.compute_dtype = None  # factors kept whole beside a sharded base: cast to its compute dtype
         device = base.weight.device
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
@@ -115,7 +116,7 @@ class RosaLinear(nn.Module):
         if self.fused and fusable(self.base, x, self.compute_dtype or self.up.dtype):
             # the factors as they are: the node casts them to x's dtype and returns gradients in theirs
             return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
-                                         self.up, self.transposed)
+                                         self.up, self.transposed, self.backward_kernels)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)

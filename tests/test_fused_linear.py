@@ -178,3 +178,19 @@ def test_fp32_factor_gradients_come_from_the_gemm_accumulator_unrounded():
         error = ((got.double() - exact).abs().max() / exact.abs().max()).item()
         rounded = ((got.bfloat16().double() - exact).abs().max() / exact.abs().max()).item()
         assert error < tol and error < rounded / 5, (error, rounded)
+
+
+def test_backward_kernels_off_leaves_the_backward_to_the_gemms(monkeypatch):
+    """``backward_kernels = False`` (fsdp2_bench's rosa_gemms mode) never asks for thin_grads' kernels."""
+    from rosa_scale import thin_grads
+
+    asked = []
+    monkeypatch.setattr(thin_grads, "usable", lambda *operands: asked.append(len(operands)) or False)
+    layer = _layer(nn.Linear(16, 8), torch.float32, fused=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert asked == [3, 3]  # the g pair, then the x pair
+    asked.clear()
+    layer.backward_kernels = False
+    layer(x).sum().backward()
+    assert asked == [] and layer.down.grad is not None
