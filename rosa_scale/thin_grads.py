@@ -60,8 +60,6 @@ if triton is not None:
         tl.atomic_add(grad_h + rows[:, None] * RANK + ranks[None, :], grad_h_rows, mask=row_ok[:, None],
                       sem="relaxed")
 
-
-if triton is not None:
     @triton.jit
     def _grad_down_and_x_kernel(x, down, grad_h, grad_x, grad_down, tokens, width, x_row_stride,
                                 RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -104,7 +102,7 @@ def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, 
     rank = down.shape[0]
     grad_x = torch.empty(tokens, width, device=x.device, dtype=x.dtype)
     grad_down = torch.zeros(rank, width, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, 128))  # measured as above
+    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, 128))  # thin-grads-2026-12-01-1gpu-more.json
     _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), rank, 64, 128, 8,
                                   num_warps=4, num_stages=3)
     return grad_down.to(down_dtype), grad_x
