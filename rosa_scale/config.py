@@ -75,7 +75,7 @@ class RosaConfig:
     fused: bool = True
     """Compute each adapted layer as one autograd node whose adapter terms are added inside the base
     layer's GEMMs (rosa_scale/fused_linear.py) wherever that is the same function (a plain linear
-    layer without hooks, one dtype, autocast off); false: base and factors as separate operations."""
+    layer without hooks, in one dtype or under autocast); false: base and factors as separate operations."""
 
 
 @dataclass

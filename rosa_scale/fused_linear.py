@@ -45,24 +45,38 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-class FusedRosaLinear(torch.autograd.Function):
-    """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``.
+def _forward_products(x, weight, bias, down, up, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x down^T`` and ``out = h up^T + bias``, then ``out += x W^T`` inside the base GEMM."""
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ down.t()
+    out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
+    accumulate_mm(out, x2, weight if transposed else weight.t())
+    return h, out
 
-    ``down`` and ``up`` may be wider than ``x`` (fp32 factors, bf16 activations): used in ``x``'s dtype.
-    ``kernels``: the backward may use rosa_scale/thin_grads.py's kernels where they apply (False: GEMMs only)."""
+
+class FusedRosaLinear(torch.autograd.Function):
+    """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``,
+    computed in ``dtype``: the inputs' own, or autocast's (each input cast as autocast's ``linear`` casts it).
+
+    Gradients come back in each input's dtype; the factors' (fp32 beside a bf16 compute) straight from the
+    GEMMs' fp32 accumulators. ``kernels``: the backward may use rosa_scale/thin_grads.py's kernels where
+    they apply (False: GEMMs only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool = True):
-        ctx.factor_dtype, ctx.kernels = down.dtype, kernels
-        if down.dtype != x.dtype:  # both in one cast: one kernel where the graph is compiled, not two
-            both = torch.cat([down.reshape(-1), up.reshape(-1)]).to(x.dtype)
+    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool, dtype: torch.dtype):
+        ctx.factor_dtype, ctx.kernels, ctx.transposed = down.dtype, kernels, transposed
+        ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)  # no copies unless autocast asks for them
+        bias = None if bias is None else bias.to(dtype)
+        if down.dtype != dtype:  # both in one cast: one kernel where the graph is compiled, not two
+            both = torch.cat([down.reshape(-1), up.reshape(-1)]).to(dtype)
             down, up = both[:down.numel()].view(down.shape), both[down.numel():].view(up.shape)
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ down.t()
-        out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
-        accumulate_mm(out, x2, weight if transposed else weight.t())
+        if torch.is_autocast_enabled(x.device.type):  # the operands are in autocast's dtype already
+            with torch.autocast(x.device.type, enabled=False):
+                h, out = _forward_products(x, weight, bias, down, up, transposed)
+        else:
+            h, out = _forward_products(x, weight, bias, down, up, transposed)
         ctx.save_for_backward(x, weight, down, up, h)
-        ctx.transposed = transposed
         ctx.bias_shape = None if bias is None else bias.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -87,28 +101,32 @@ class FusedRosaLinear(torch.autograd.Function):
             grad_x = grad_h @ down if need_x else None
             if need_down:
                 grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
+        x_dtype, w_dtype, b_dtype = ctx.input_dtypes
         if need_x:
             accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(x.shape).to(x_dtype)
         if need_w:
-            grad_w = x2.t() @ g if ctx.transposed else g.t() @ x2
+            grad_w = (x2.t() @ g if ctx.transposed else g.t() @ x2).to(w_dtype)
         if need_b:
-            grad_b = g.sum(0).reshape(ctx.bias_shape)
-        return grad_x, grad_w, grad_b, grad_down, grad_up, None, None
+            grad_b = g.sum(0).reshape(ctx.bias_shape).to(b_dtype)
+        return grad_x, grad_w, grad_b, grad_down, grad_up, None, None, None
 
 
-def fusable(base: nn.Module, x: torch.Tensor, factor_dtype: torch.dtype) -> bool:
-    """Whether the fused node computes exactly what ``base(x) + up(down(x))`` does here.
+def fused_dtype(base: nn.Module, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the fused node computes ``base(x) + up(down(x))`` in here, or None where it cannot.
 
     Only a plain layer whose forward is its class's own and has no hooks (ZeRO-3 gathers weights in
-    hooks; accelerate's offload replaces ``forward``), all in one floating dtype (``factor_dtype``: the
-    dtype the factors are used in), autocast off."""
+    hooks; accelerate's offload replaces ``forward``). Under autocast: autocast's dtype, every operand cast
+    to it as autocast casts a ``linear``'s (the base's GEMM and the adapter's then run in it, as they would
+    apart). Otherwise all in one floating dtype (``factor_dtype``: the dtype the factors are used in)."""
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
-        return False
+        return None
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return False
+        return None
     weight, bias = base.weight, getattr(base, "bias", None)
     dtypes = {x.dtype, weight.dtype, factor_dtype} | ({bias.dtype} if bias is not None else set())
-    return len(dtypes) == 1 and x.dtype.is_floating_point
+    if not all(d.is_floating_point for d in dtypes):
+        return None
+    if torch.is_autocast_enabled(x.device.type):  # float64 is never cast by autocast: left to it, apart
+        return None if torch.float64 in dtypes else torch.get_autocast_dtype(x.device.type)
+    return x.dtype if len(dtypes) == 1 else None

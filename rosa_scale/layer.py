@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .factorize import merge, round_to, split
-from .fused_linear import FusedRosaLinear, fusable
+from .fused_linear import FusedRosaLinear, fused_dtype
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -113,10 +113,10 @@ class RosaLinear(nn.Module):
         return self.up.to(self.compute_dtype), self.down.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and fusable(self.base, x, self.compute_dtype or self.up.dtype):
-            # the factors as they are: the node casts them to x's dtype and returns gradients in theirs
+        dtype = fused_dtype(self.base, x, self.compute_dtype or self.up.dtype) if self.fused else None
+        if dtype is not None:  # the factors as they are: the node casts them and returns gradients in theirs
             return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
-                                         self.up, self.transposed, self.backward_kernels)
+                                         self.up, self.transposed, self.backward_kernels, dtype)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)

@@ -68,7 +68,7 @@ def test_fused_and_separate_operations_agree_including_a_trainable_bias():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_steps_aside_for_hooks_mixed_dtypes_and_autocast():
+def test_fused_steps_aside_for_hooks_and_mixed_dtypes():
     layer = _layer(nn.Linear(8, 4), torch.float32, fused=True)
     x = torch.randn(3, 8)
 
@@ -82,7 +82,9 @@ def test_fused_steps_aside_for_hooks_mixed_dtypes_and_autocast():
     mixed = RosaLinear(nn.Linear(8, 4).to(torch.bfloat16), rank=2, adapter_dtype=torch.float32)
     assert "FusedRosaLinear" not in node(mixed, x.to(torch.bfloat16))  # bf16 base, fp32 factors
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "FusedRosaLinear" not in node(layer, x)
+        assert "FusedRosaLinear" in node(layer, x)
+        wide = _layer(nn.Linear(8, 4), torch.float64, fused=True)  # autocast leaves float64 alone: so do we
+        assert "FusedRosaLinear" not in node(wide, x.double())
     layer.fused = False
     assert "FusedRosaLinear" not in node(layer, x)
 
@@ -194,3 +196,60 @@ def test_backward_kernels_off_leaves_the_backward_to_the_gemms(monkeypatch):
     layer.backward_kernels = False
     layer(x).sum().backward()
     assert asked == [] and layer.down.grad is not None
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_fused_node_computes_what_autocast_makes_of_the_separate_operations(base_dtype):
+    """accelerate's mixed precision runs the forward under autocast: the fused node then computes in
+    autocast's dtype, as the base's and the adapter's linears would apart, and returns each gradient in its
+    input's dtype (fp32 factors' in fp32)."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        layer = RosaLinear(nn.Linear(64, 32).to(base_dtype), rank=4, adapter_dtype=torch.float32)
+        with torch.no_grad():
+            layer.up.normal_()
+            layer.down.normal_()
+        layer.fused = fused
+        x = torch.randn(6, 64, dtype=base_dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        assert ("FusedRosaLinear" in type(out.grad_fn).__name__) == fused
+        out.float().square().sum().backward()
+        assert x.grad.dtype == base_dtype and layer.up.grad.dtype == layer.down.grad.dtype == torch.float32
+        results.append([out.detach(), x.grad, layer.up.grad, layer.down.grad])
+        ref, x64, up, down = _reference_float64(layer, x)
+        ref.square().sum().backward()
+        for got, want in zip(results[-1], (ref, x64.grad, up.grad, down.grad)):  # bf16 arithmetic, both ways
+            assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max()
+    for a, b in zip(*results):
+        assert (a.double() - b.double()).abs().max() <= 3e-2 * b.double().abs().max()
+
+
+@pytest.mark.parametrize("base_dtype,compute_dtype,autocast", [
+    (torch.float32, None, False), (torch.bfloat16, torch.bfloat16, False),  # one dtype; whole fp32 factors
+    (torch.float32, None, True), (torch.bfloat16, None, True)])             # accelerate's mixed precision
+def test_the_fused_node_compiles_as_one_graph_and_computes_what_it_does_eagerly(base_dtype, compute_dtype, autocast):
+    """A graph break here would split every compiled decoder layer: dynamo must trace the node whole."""
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layer = RosaLinear(nn.Linear(64, 32, bias=False).to(base_dtype), rank=16, adapter_dtype=torch.float32)
+        with torch.no_grad():
+            layer.up.normal_()
+            layer.down.normal_()
+        layer.compute_dtype = compute_dtype
+        layers.append(layer)
+    x = torch.randn(2, 8, 64, dtype=base_dtype)
+    outs = []
+    for layer, run in zip(layers, (torch.compile(layers[0], fullgraph=True, backend="aot_eager"), layers[1])):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run(xi)
+        out.float().square().sum().backward()
+        outs.append([out, xi.grad, layer.up.grad, layer.down.grad])
+    assert "FusedRosaLinear" in type(outs[1][0].grad_fn).__name__
+    for compiled, eager in zip(*outs):
+        assert compiled.dtype == eager.dtype
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
