@@ -33,6 +33,8 @@ sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
 MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_gemms", "rosa_replicated", "rosa_sharded")
+# rosa-train's own path without fsdp (one process, or DDP's replicas without their all-reduce): not in the defaults
+LOCAL_MODES = ("frozen_local", "rosa_local", "rosa_local_unfused")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -44,7 +46,8 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     """
     p = Parser(description=description or __doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file written by rank 0")
-    p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(modes))
+    known = modes + LOCAL_MODES if modes is MODES else modes
+    p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(known))
     p.add_argument("--methods", default=methods, help="factorizers to time in rosa mode (slowest last)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="small model and seq 64 (CPU smoke check)")
@@ -97,9 +100,9 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
         args.seq = min(args.seq, 64)
     args.modes = [m for m in args.modes.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in args.modes if m not in modes]
+    bad = [m for m in args.modes if m not in known]
     if bad:
-        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(modes)}")
+        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(known)}")
     if args.meta_init and args.modes != ["rosa"]:
         p.error("--meta-init builds the rosa mode only: add --modes rosa")
     if args.gc_every < 0:
@@ -301,6 +304,36 @@ def setup_frozen(args, dev: torch.device) -> tuple:
     return model, None, {}
 
 
+def autocast_forward(model, dev: torch.device):
+    """The forward under bf16 autocast on GPUs, as accelerate's ``mixed_precision: bf16`` runs a model it
+    prepares (rosa-train's one-process and DDP paths); unchanged on CPU."""
+    if dev.type == "cuda":
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
+    return model
+
+
+def setup_frozen_local(args, dev: torch.device) -> tuple:
+    """The frozen base as rosa-train's local path runs it: whole on the GPU, layers compiled, autocast."""
+    model = build_model(args, dev)
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    prepare_layers(model, args, dev)
+    return autocast_forward(model, dev), None, {}
+
+
+def setup_rosa_local(args, dev: torch.device, fused: bool = True) -> tuple:
+    """ROSA as rosa-train's local path runs it (no fsdp): applied and split whole, layers compiled, fp32
+    factors, forward under autocast, rosa-train's AdamW. ``fused=False``: mode rosa_local_unfused."""
+    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
+    from rosa_scale.optimizers import build_optimizer
+
+    model = build_model(args, dev)
+    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused))
+    prepare_layers(model, args, dev)
+    opt = build_optimizer("adamw", adapter_parameters(model), lr=1e-4, weight_decay=0.01)
+    return autocast_forward(model, dev), opt, {}
+
+
 def adamw(params: list, args, dev: torch.device) -> torch.optim.Optimizer:
     """AdamW at lr 1e-4, fused on CUDA with ``--adamw fused``."""
     return torch.optim.AdamW(params, lr=1e-4, fused=(args.adamw == "fused" and dev.type == "cuda") or None)
@@ -420,7 +453,9 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
              "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False),
              "rosa_gemms": lambda a, d: setup_rosa(a, d, kernels=False),
              "rosa_replicated": lambda a, d: setup_rosa(a, d, factors="replicated"),
-             "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded")}[mode]
+             "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded"),
+             "frozen_local": setup_frozen_local, "rosa_local": setup_rosa_local,
+             "rosa_local_unfused": lambda a, d: setup_rosa_local(a, d, fused=False)}[mode]
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
