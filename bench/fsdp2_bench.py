@@ -293,13 +293,19 @@ def time_steps(model, opt, args, dev: torch.device, step=train_step) -> dict:
             "step_s_each": [round(t, 4) for t in times]}  # to tell a slow machine from one slow step
 
 
-def setup_frozen(args, dev: torch.device) -> tuple:
+def frozen_model(args, dev: torch.device):
     """Base model only, every weight frozen. Backward still runs through every layer because a
     forward hook on the input embedding marks its output ``requires_grad`` (what HF's
     ``enable_input_require_grads`` does): activation gradients flow, no weight gets one."""
     model = build_model(args, dev)
     model.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    return model
+
+
+def setup_frozen(args, dev: torch.device) -> tuple:
+    """The frozen base (``frozen_model``) sharded as the ROSA modes are."""
+    model = frozen_model(args, dev)
     shard_layers(model, dev, args)
     return model, None, {}
 
@@ -314,9 +320,7 @@ def autocast_forward(model, dev: torch.device):
 
 def setup_frozen_local(args, dev: torch.device) -> tuple:
     """The frozen base as rosa-train's local path runs it: whole on the GPU, layers compiled, autocast."""
-    model = build_model(args, dev)
-    model.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    model = frozen_model(args, dev)
     prepare_layers(model, args, dev)
     return autocast_forward(model, dev), None, {}
 
