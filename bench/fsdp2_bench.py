@@ -35,6 +35,8 @@ from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_gemms", "rosa_replicated", "rosa_sharded")
 # rosa-train's own path without fsdp (one process, or DDP's replicas without their all-reduce): not in the defaults
 LOCAL_MODES = ("frozen_local", "rosa_local", "rosa_local_unfused")
+# asked for by name too: ROSA without RosaConfig.shared_inputs (each of q, k, v, gate, up reading its input alone)
+UNGROUPED_MODES = ("rosa_ungrouped", "rosa_local_ungrouped")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
 
@@ -46,7 +48,7 @@ def parse_args(argv=None, *, modes=MODES, methods="eigh,qr,svd", description=Non
     """
     p = Parser(description=description or __doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file written by rank 0")
-    known = modes + LOCAL_MODES if modes is MODES else modes
+    known = modes + LOCAL_MODES + UNGROUPED_MODES if modes is MODES else modes
     p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(known))
     p.add_argument("--methods", default=methods, help="factorizers to time in rosa mode (slowest last)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -325,14 +327,15 @@ def setup_frozen_local(args, dev: torch.device) -> tuple:
     return autocast_forward(model, dev), None, {}
 
 
-def setup_rosa_local(args, dev: torch.device, fused: bool = True) -> tuple:
+def setup_rosa_local(args, dev: torch.device, fused: bool = True, shared: bool = True) -> tuple:
     """ROSA as rosa-train's local path runs it (no fsdp): applied and split whole, layers compiled, fp32
-    factors, forward under autocast, rosa-train's AdamW. ``fused=False``: mode rosa_local_unfused."""
-    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
+    factors, forward under autocast, rosa-train's AdamW. ``fused=False``: mode rosa_local_unfused;
+    ``shared=False``: mode rosa_local_ungrouped."""
+    from rosa_scale import adapter_parameters, apply_rosa
     from rosa_scale.optimizers import build_optimizer
 
     model = build_model(args, dev)
-    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused))
+    apply_rosa(model, rosa_config(args, fused, shared))
     prepare_layers(model, args, dev)
     opt = build_optimizer("adamw", adapter_parameters(model), lr=1e-4, weight_decay=0.01)
     return autocast_forward(model, dev), opt, {}
@@ -355,21 +358,29 @@ def setup_peft_lora(args, dev: torch.device) -> tuple:
     return model, opt, {}
 
 
-def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto", kernels: bool = True) -> tuple:
+def rosa_config(args, fused: bool, shared: bool):
+    from rosa_scale import RosaConfig
+
+    return RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused,
+                      **({} if shared else {"shared_inputs": []}))
+
+
+def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto", kernels: bool = True,
+               shared: bool = True) -> tuple:
     """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, rosa-train's
     AdamW. ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused);
     ``kernels=False``: the fused backward in cuBLAS GEMMs only, no rosa_scale/thin_grads.py (mode rosa_gemms);
+    ``shared=False``: no layers sharing their input's products (mode rosa_ungrouped);
     ``factors``: rosa-train's ``fsdp_factors`` (auto, as rosa-train decides it; modes rosa_replicated and
     rosa_sharded force one)."""
-    from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample, rosa_layers
+    from rosa_scale import adapter_parameters, apply_rosa, resample, rosa_layers
     from rosa_scale.config import TrainConfig, factors_replicated
     from rosa_scale.engines import engine_for
     from rosa_scale.engines.fsdp2 import shard_model
     from rosa_scale.optimizers import build_optimizer
 
     model = build_model(args, dev)
-    apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="eigh", seed=args.seed, fused=fused),
-               split=False)
+    apply_rosa(model, rosa_config(args, fused, shared), split=False)
     for layer in rosa_layers(model).values():
         layer.backward_kernels = kernels
     policy = mp_policy(dev)
@@ -387,7 +398,7 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto
     first = all_max([time.perf_counter() - start], dev)[0]
     opt = build_optimizer("adamw", adapter_parameters(model), lr=1e-4, weight_decay=0.01)
     AFTER_BACKWARD[model] = engine_for(model).sync_gradients  # whole factors: their all-reduce
-    config = {f"rosa_config_{k}": ",".join(v) if isinstance(v, list) else v
+    config = {f"rosa_config_{k}": ",".join(map(str, v)) if isinstance(v, list) else v  # flat keys: strings
               for k, v in dataclasses.asdict(model.rosa_state.config).items()}
     return model, opt, {"rosa_first_split_s_eigh": first, "host_rss_gib_after_split": all_max([host_rss_gib()], dev)[0],
                         **config}
@@ -459,7 +470,9 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
              "rosa_replicated": lambda a, d: setup_rosa(a, d, factors="replicated"),
              "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded"),
              "frozen_local": setup_frozen_local, "rosa_local": setup_rosa_local,
-             "rosa_local_unfused": lambda a, d: setup_rosa_local(a, d, fused=False)}[mode]
+             "rosa_local_unfused": lambda a, d: setup_rosa_local(a, d, fused=False),
+             "rosa_ungrouped": lambda a, d: setup_rosa(a, d, shared=False),
+             "rosa_local_ungrouped": lambda a, d: setup_rosa_local(a, d, shared=False)}[mode]
     model, opt, extra = setup(args, dev)
     result.update(extra)
     result[f"{mode}_trainable_params_local"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

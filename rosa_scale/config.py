@@ -76,6 +76,11 @@ class RosaConfig:
     """Compute each adapted layer as one autograd node whose adapter terms are added inside the base
     layer's GEMMs (rosa_scale/fused_linear.py) wherever that is the same function (a plain linear
     layer without hooks, in one dtype or under autocast); false: base and factors as separate operations."""
+    shared_inputs: list[list[str]] = field(default_factory=lambda: [["q_proj", "k_proj", "v_proj"],
+                                                                    ["gate_proj", "up_proj"], ["w1", "w3"]])
+    """Sibling layers (by name, under one parent) that the model calls on the same input: with ``fused``,
+    their ``x @ down^T`` is one GEMM and their input-side backward one pass over ``x``
+    (rosa_scale/shared_input.py). Same function; [] turns it off. Names absent from a model do nothing."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from .config import ConfigError, TrainConfig, cli_fields, flat_keys, to_dict
 HARMLESS = {"eval_every", "max_eval_blocks", "log_every", "save_every", "keep_last", "output_dir", "resume",
             "save_merged", "overwrite_output_dir", "resume_override", "max_skipped_steps",
             "gradient_checkpointing", "zero3_leaf_layers", "loss_chunk_tokens", "report_to",
-            "gc_every", "attn_implementation"}
+            "gc_every", "attn_implementation",
+            "rosa.fused", "rosa.shared_inputs"}  # the same function, its GEMMs grouped otherwise
 
 
 def _harmless(key: str, old: Any, new: Any, before: dict, now: dict) -> bool:

@@ -67,6 +67,8 @@ class RosaLinear(nn.Module):
         self.fused = type(base) in LINEAR_TYPES  # see rosa_scale/fused_linear.py; False: separate operations
         self.backward_kernels = True  # the fused node's backward uses rosa_scale/thin_grads.py where it can
         self.compute_dtype = None  # factors kept whole beside a sharded base: cast to its compute dtype
+        self.shared_input = None  # siblings called on the same input (rosa_scale/shared_input.py)
+        self.shared_index = 0
         device = base.weight.device
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
         self.down = nn.Parameter(torch.zeros(rank, in_features, dtype=adapter_dtype, device=device))
@@ -115,8 +117,10 @@ class RosaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(self.base, x, self.compute_dtype or self.up.dtype) if self.fused else None
         if dtype is not None:  # the factors as they are: the node casts them and returns gradients in theirs
-            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
-                                         self.up, self.transposed, self.backward_kernels, dtype)
+            h = self.shared_input.product(self, x, dtype) if self.shared_input is not None else None
+            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None),
+                                         self.down if h is None else None, self.up, h, self.transposed,
+                                         self.backward_kernels, dtype)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .config import RosaConfig, validate_rosa
 from .engines import engine_for
 from .layer import RosaLinear, is_linear, linear_shape, resolve_rank
+from .shared_input import group_shared_inputs
 from .quant import (QuantRosaLinear, check_target, forget_quantization, ignore_in_ddp, is_quantized_linear,
                     wrap_quantized)
 
@@ -176,6 +177,9 @@ def apply_rosa(model: nn.Module, config: RosaConfig | None = None, *, split: boo
             wrapped = RosaLinear(layer, ranks[n], dtype)
             wrapped.fused = wrapped.fused and config.fused
         _set_submodule(model, n, wrapped)
+    if config.fused:
+        group_shared_inputs({n: m for n, m in rosa_layers(model).items() if not isinstance(m, QuantRosaLinear)},
+                            config.shared_inputs)
     if any(isinstance(layer, QuantRosaLinear) for layer in rosa_layers(model).values()):
         ignore_in_ddp(model)
     if config.fixed_dtype == "float32":  # before any optimizer or sharding holds the parameter

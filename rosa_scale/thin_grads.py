@@ -7,7 +7,9 @@ kernel here at Llama-3-8B's shapes on an H200 (bench/results/thin-grads-2026-12-
 multiplies one tile both ways and adds its part of the rank-r result into fp32 sums. Those sums are made
 with atomic adds, so their rounding order varies between runs: under
 ``torch.use_deterministic_algorithms(True)`` the GEMMs run instead, as they do on CPU, without Triton, and
-for ranks that are not a power of two >= 16.
+for ranks below 16 (the tensor cores' smallest side). Other ranks are padded to a power of two inside the
+kernels (masked loads), so a group of layers sharing one input (rosa_scale/shared_input.py) runs them at
+the sum of its ranks.
 """
 from __future__ import annotations
 
@@ -25,62 +27,66 @@ _LIBRARY.define("grad_down_and_x(Tensor x, Tensor down, Tensor grad_h, ScalarTyp
 
 
 def usable(wide: torch.Tensor, factor: torch.Tensor, thin: torch.Tensor) -> bool:
-    """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype, a power-of-two
-    rank of at least 16, the wide (tokens x features) operand's rows of unit stride, deterministic
+    """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype, a rank from 16
+    to 128, the wide (tokens x features) operand's rows of unit stride, deterministic
     algorithms off, and offsets that fit the kernels' 32-bit index arithmetic. ``factor`` is ``up``
     (out x r) or ``down`` (r x in), ``thin`` the tokens x r operand."""
     rank = thin.shape[-1]
     return (triton is not None and wide.is_cuda and wide.dim() == 2 and wide.stride(1) == 1
             and wide.numel() < 2 ** 31 and wide.stride(0) * wide.shape[0] < 2 ** 31
             and wide.dtype in (torch.bfloat16, torch.float16) and factor.dtype == thin.dtype == wide.dtype
-            and rank >= 16 and rank & (rank - 1) == 0 and factor.is_contiguous() and thin.is_contiguous()
+            and 16 <= rank <= 128 and factor.is_contiguous() and thin.is_contiguous()
             and not torch.are_deterministic_algorithms_enabled())
 
 
 if triton is not None:
     @triton.jit
     def _grad_h_and_up_kernel(g, up, h, grad_h, grad_up, tokens, width, g_row_stride,
-                              RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                              STEPS: tl.constexpr):
+                              RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
         """Program (i, j): rows block i of ``g`` against STEPS column blocks from j * STEPS."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        ranks = tl.arange(0, RANK)
-        row_ok = rows < tokens
-        h_rows = tl.load(h + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        grad_h_rows = tl.zeros([BLOCK_T, RANK], tl.float32)
+        ranks = tl.arange(0, RANK_PAD)
+        row_ok, rank_ok = rows < tokens, ranks < RANK
+        h_rows = tl.load(h + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                         other=0.0)
+        grad_h_rows = tl.zeros([BLOCK_T, RANK_PAD], tl.float32)
         for step in range(STEPS):
             cols = (tl.program_id(1) * STEPS + step) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < width
             tile = tl.load(g + rows[:, None] * g_row_stride + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            up_cols = tl.load(up + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None], other=0.0)
+            up_cols = tl.load(up + cols[:, None] * RANK + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :],
+                              other=0.0)
             grad_h_rows += tl.dot(tile, up_cols)
             tl.atomic_add(grad_up + cols[:, None] * RANK + ranks[None, :], tl.dot(tl.trans(tile), h_rows),
-                          mask=col_ok[:, None], sem="relaxed")
-        tl.atomic_add(grad_h + rows[:, None] * RANK + ranks[None, :], grad_h_rows, mask=row_ok[:, None],
-                      sem="relaxed")
+                          mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
+        tl.atomic_add(grad_h + rows[:, None] * RANK + ranks[None, :], grad_h_rows,
+                      mask=row_ok[:, None] & rank_ok[None, :], sem="relaxed")
 
     @triton.jit
     def _grad_down_and_x_kernel(x, down, grad_h, grad_x, grad_down, tokens, width, x_row_stride,
-                                RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                                STEPS: tl.constexpr):
+                                RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_D: tl.constexpr, STEPS: tl.constexpr):
         """Program (i, j): columns block j of ``x`` over STEPS row blocks from i * STEPS."""
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        ranks = tl.arange(0, RANK)
-        col_ok = cols < width
-        down_cols = tl.load(down + ranks[:, None] * width + cols[None, :], mask=col_ok[None, :], other=0.0)
-        grad_down_cols = tl.zeros([RANK, BLOCK_D], tl.float32)
+        ranks = tl.arange(0, RANK_PAD)
+        col_ok, rank_ok = cols < width, ranks < RANK
+        down_cols = tl.load(down + ranks[:, None] * width + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+        grad_down_cols = tl.zeros([RANK_PAD, BLOCK_D], tl.float32)
         for step in range(STEPS):
             rows = (tl.program_id(0) * STEPS + step) * BLOCK_T + tl.arange(0, BLOCK_T)
             row_ok = rows < tokens
-            grad_h_rows = tl.load(grad_h + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
+            grad_h_rows = tl.load(grad_h + rows[:, None] * RANK + ranks[None, :],
+                                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             tile = tl.load(x + rows[:, None] * x_row_stride + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             grad_down_cols += tl.dot(tl.trans(grad_h_rows), tile)
             tl.store(grad_x + rows[:, None] * width + cols[None, :],
                      tl.dot(grad_h_rows, down_cols).to(tile.dtype), mask=row_ok[:, None] & col_ok[None, :])
-        tl.atomic_add(grad_down + ranks[:, None] * width + cols[None, :], grad_down_cols, mask=col_ok[None, :],
-                      sem="relaxed")
+        tl.atomic_add(grad_down + ranks[:, None] * width + cols[None, :], grad_down_cols,
+                      mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
 def _grad_h_and_up(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor, up_dtype: torch.dtype):
@@ -91,8 +97,10 @@ def _grad_h_and_up(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor, up_dtype:
     sums = torch.zeros(tokens + width, rank, device=g.device, dtype=torch.float32)
     grad_h, grad_up = sums[:tokens], sums[tokens:]
     steps = 8 if width >= 4096 else 4  # measured on an H200 (bench/results/thin-grads-2026-12-01-1gpu.json)
-    grid = (triton.cdiv(tokens, 128), triton.cdiv(width, 64 * steps))
-    _grad_h_and_up_kernel[grid](g, up, h, grad_h, grad_up, tokens, width, g.stride(0), rank, 128, 64, steps,
+    padded = triton.next_power_of_2(rank)
+    block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
+    grid = (triton.cdiv(tokens, block_t), triton.cdiv(width, 64 * steps))
+    _grad_h_and_up_kernel[grid](g, up, h, grad_h, grad_up, tokens, width, g.stride(0), rank, padded, block_t, 64, steps,
                                 num_warps=4, num_stages=4 if steps == 8 else 3)
     return grad_h.to(g.dtype), grad_up.to(up_dtype)
 
@@ -102,8 +110,11 @@ def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, 
     rank = down.shape[0]
     grad_x = torch.empty(tokens, width, device=x.device, dtype=x.dtype)
     grad_down = torch.zeros(rank, width, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, 128))  # thin-grads-2026-12-01-1gpu-more.json
-    _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), rank, 64, 128, 8,
+    padded = triton.next_power_of_2(rank)
+    block_d = 128 if padded <= 64 else 64  # the fp32 sums of a column block stay in registers
+    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, block_d))  # thin-grads-2026-12-01-1gpu-more.json
+    _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), rank, padded, 64,
+                                  block_d, 8,
                                   num_warps=4, num_stages=3)
     return grad_down.to(down_dtype), grad_x
 

@@ -12,6 +12,8 @@ def test_the_kernel_stands_aside_where_it_cannot_run():
         g, up, h = (t.cuda().bfloat16() for t in (g, up, h))
         assert thin_grads.usable(g, up, h)
         assert not thin_grads.usable(g, up[:, :12].contiguous(), h[:, :12].contiguous())  # rank 12
+        assert thin_grads.usable(g, *(torch.randn(n, 48, device="cuda", dtype=torch.bfloat16) for n in (32, 8)))
+        assert not thin_grads.usable(g, *(torch.randn(n, 129, device="cuda", dtype=torch.bfloat16) for n in (32, 8)))
         assert not thin_grads.usable(g.t().contiguous().t(), up, h)  # columns not contiguous
         big = torch.empty(2 ** 31 // 4096, 4096, device="cuda", dtype=torch.bfloat16)  # 2^31 numbers: 64-bit offsets
         assert not thin_grads.usable(big, torch.empty(4096, 16, device="cuda", dtype=torch.bfloat16),
@@ -43,7 +45,8 @@ def _down_side(tokens, width, rank, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("side", [_up_side, _down_side], ids=["g-up-and-g^T-h", "grad_h^T-x-and-grad_h-down"])
-@pytest.mark.parametrize("tokens,width,rank", [(4096, 4096, 16), (1000, 1000, 16), (300, 14336, 32), (257, 64, 64)])
+@pytest.mark.parametrize("tokens,width,rank", [(4096, 4096, 16), (1000, 1000, 16), (300, 14336, 32), (257, 64, 64),
+                                               (777, 4096, 48), (129, 1024, 80)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_each_pair_matches_float64_products(side, tokens, width, rank, dtype):
     torch.manual_seed(0)
