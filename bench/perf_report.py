@@ -24,18 +24,25 @@ TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_comp
 
 # Optional runs of other step settings: each gives frozen/ROSA/PEFT ratios and fused/separate ROSA layers
 # (mode rosa_unfused), keyed by the run's name.
-VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-adamw-foreach", "1gpu-order")
+VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-adamw-foreach", "1gpu-order",
+            "1gpu-local", "1gpu-local-ckpt")  # -local: rosa-train's one-process path (modes *_local), no fsdp
+MODES = ("frozen", "rosa", "rosa_unfused", "rosa_gemms", "rosa_ungrouped", "rosa_sharded", "peft_lora")
+
+
+def local_name(mode: str) -> str:
+    """fsdp2_bench's name of ``mode`` on rosa-train's path without fsdp (rosa_ungrouped -> rosa_local_ungrouped)."""
+    return mode.replace("rosa", "rosa_local", 1) if mode.startswith("rosa") else f"{mode}_local"
 
 
 def variant_ratios(name: str, run: dict) -> dict:
     """tokens/s of each mode in ``run`` and the ratios of ROSA to the others in it."""
-    tok = {mode: run[f"{mode}_tok_s_per_gpu"]
-           for mode in ("frozen", "rosa", "rosa_unfused", "rosa_gemms", "rosa_sharded", "peft_lora")
-           if f"{mode}_tok_s_per_gpu" in run}
+    local = "rosa_local_tok_s_per_gpu" in run  # frozen_local, rosa_local, rosa_local_ungrouped read as frozen, ...
+    keys = {mode: f"{local_name(mode) if local else mode}_tok_s_per_gpu" for mode in MODES}
+    tok = {mode: run[key] for mode, key in keys.items() if key in run}
     key = name.replace("-", "_")
     flat = {f"tok_s_{mode}_{key}": value for mode, value in tok.items()}
     for other, label in (("frozen", "frozen"), ("rosa_unfused", "unfused"), ("rosa_gemms", "gemms"),
-                         ("rosa_sharded", "sharded"), ("peft_lora", "peft_compiled")):
+                         ("rosa_ungrouped", "ungrouped"), ("rosa_sharded", "sharded"), ("peft_lora", "peft_compiled")):
         if "rosa" in tok and other in tok:
             flat[f"rosa_over_{label}_{key}"] = tok["rosa"] / tok[other]
     return flat
@@ -60,7 +67,8 @@ def summarize(prefix: str) -> dict:
                      f"rosa_over_peft_compiled_{gpus}gpu": rosa / fast["peft_lora_tok_s_per_gpu"],
                      f"peak_gib_rosa_compiled_{gpus}gpu": fast["rosa_peak_gib"]})
         # the same ROSA with one default changed: base and factors as separate operations, factors sharded
-        for mode, label in (("rosa_unfused", "unfused"), ("rosa_gemms", "gemms"), ("rosa_sharded", "sharded")):
+        for mode, label in (("rosa_unfused", "unfused"), ("rosa_gemms", "gemms"), ("rosa_ungrouped", "ungrouped"),
+                            ("rosa_sharded", "sharded")):
             if f"{mode}_tok_s_per_gpu" in fast:
                 flat[f"tok_s_{mode}_compiled_{gpus}gpu"] = fast[f"{mode}_tok_s_per_gpu"]
                 flat[f"rosa_over_{label}_{gpus}gpu"] = rosa / fast[f"{mode}_tok_s_per_gpu"]
