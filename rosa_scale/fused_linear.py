@@ -45,11 +45,10 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _forward_products(x, weight, bias, down, up, h, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x down^T`` (unless given), ``out = h up^T + bias``, then ``out += x W^T`` inside the base GEMM."""
+def _forward_products(x, weight, bias, down, up, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x down^T`` and ``out = h up^T + bias``, then ``out += x W^T`` inside the base GEMM."""
     x2 = x.reshape(-1, x.shape[-1])
-    if h is None:
-        h = x2 @ down.t()
+    h = x2 @ down.t()
     out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
     accumulate_mm(out, x2, weight if transposed else weight.t())
     return h, out
@@ -67,27 +66,22 @@ class FusedRosaLinear(torch.autograd.Function):
     """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``,
     computed in ``dtype``: the inputs' own, or autocast's (each input cast as autocast's ``linear`` casts it).
 
-    ``h``: ``x @ down^T`` made beforehand, in ``dtype`` (layers sharing one input make theirs in one GEMM,
-    rosa_scale/shared_input.py); ``down`` is then None and ``h`` gets the gradient instead.
     Gradients come back in each input's dtype; the factors' (fp32 beside a bf16 compute) straight from the
     GEMMs' fp32 accumulators. ``kernels``: the backward may use rosa_scale/thin_grads.py's kernels where
     they apply (False: GEMMs only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, h, transposed: bool, kernels: bool, dtype: torch.dtype):
-        ctx.factor_dtype, ctx.kernels, ctx.transposed = up.dtype, kernels, transposed
+    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool, dtype: torch.dtype):
+        ctx.factor_dtype, ctx.kernels, ctx.transposed = down.dtype, kernels, transposed
         ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         x, weight = x.to(dtype), weight.to(dtype)  # no copies unless autocast asks for them
         bias = None if bias is None else bias.to(dtype)
-        if h is None:
-            down, up = cast_factors(dtype, down, up)
-        else:
-            (up,) = cast_factors(dtype, up)
+        down, up = cast_factors(dtype, down, up)
         if torch.is_autocast_enabled(x.device.type):  # the operands are in autocast's dtype already
             with torch.autocast(x.device.type, enabled=False):
-                h, out = _forward_products(x, weight, bias, down, up, h, transposed)
+                h, out = _forward_products(x, weight, bias, down, up, transposed)
         else:
-            h, out = _forward_products(x, weight, bias, down, up, h, transposed)
+            h, out = _forward_products(x, weight, bias, down, up, transposed)
         ctx.save_for_backward(x, weight, down, up, h)
         ctx.bias_shape = None if bias is None else bias.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -96,38 +90,32 @@ class FusedRosaLinear(torch.autograd.Function):
     @once_differentiable  # the in-place accumulate has no derivative of its own: double backward is refused
     def backward(ctx, grad_out):
         x, weight, down, up, h = ctx.saved_tensors
-        need_x, need_w, need_b, need_down, need_up, need_h = ctx.needs_input_grad[:6]
-        need_grad_h = need_h or (down is not None and (need_x or need_down))
+        need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        grad_x = grad_w = grad_b = grad_down = grad_up = grad_h = None
+        grad_x = grad_w = grad_b = grad_down = grad_up = None
         # each pair below from one read of g, then of x, where thin_grads' kernels apply
-        if ctx.kernels and need_up and need_grad_h and thin_grads.usable(g, up, h):
+        if ctx.kernels and need_up and (need_x or need_down) and thin_grads.usable(g, up, h):
             grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
         else:
-            grad_h = g @ up if need_grad_h else None
+            grad_h = g @ up if (need_x or need_down) else None
             if need_up:
                 grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
-        if down is None:  # the adapter's share of grad_x is the shared product's to add
-            grad_x = g @ (weight.t() if ctx.transposed else weight) if need_x else None
+        if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
+            grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
         else:
-            if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
-                grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
-            else:
-                grad_x = grad_h @ down if need_x else None
-                if need_down:
-                    grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
-            if need_x:
-                accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
-            grad_h = None
+            grad_x = grad_h @ down if need_x else None
+            if need_down:
+                grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
         x_dtype, w_dtype, b_dtype = ctx.input_dtypes
         if need_x:
+            accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)
             grad_x = grad_x.view(x.shape).to(x_dtype)
         if need_w:
             grad_w = (x2.t() @ g if ctx.transposed else g.t() @ x2).to(w_dtype)
         if need_b:
             grad_b = g.sum(0).reshape(ctx.bias_shape).to(b_dtype)
-        return grad_x, grad_w, grad_b, grad_down, grad_up, grad_h, None, None, None
+        return grad_x, grad_w, grad_b, grad_down, grad_up, None, None, None
 
 
 def fused_dtype(base: nn.Module, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:

@@ -117,10 +117,11 @@ class RosaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(self.base, x, self.compute_dtype or self.up.dtype) if self.fused else None
         if dtype is not None:  # the factors as they are: the node casts them and returns gradients in theirs
-            h = self.shared_input.product(self, x, dtype) if self.shared_input is not None else None
-            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None),
-                                         self.down if h is None else None, self.up, h, self.transposed,
-                                         self.backward_kernels, dtype)
+            out = self.shared_input.output(self, x, dtype) if self.shared_input is not None else None
+            if out is not None:  # computed with its siblings, from one pass over the same input
+                return out
+            return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
+                                         self.up, self.transposed, self.backward_kernels, dtype)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)

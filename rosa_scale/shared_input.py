@@ -1,16 +1,18 @@
-"""Adapted layers handed one input (q, k, v; gate, up) make their thin products in one pass over it.
+"""Adapted layers handed one input (q, k, v; gate, up) computed as one node, one pass over that input.
 
-Each adapted layer reads its input ``x`` (tokens x in) in the forward for ``h = x down^T`` and twice in the
-backward: for ``grad_down = grad_h^T x``, and while writing an x-sized ``grad_h down`` that the base's GEMM
-reads back. Attention's q, k and v (and the MLP's gate and up) are called on the very same tensor, so
-their ``down`` factors stacked make one GEMM of the summed rank, and one x-sized backward pass (one
-thin_grads kernel) instead of one per layer. Each layer's fused node (rosa_scale/fused_linear.py) then
-takes its ``h`` ready-made.
+Each adapted layer reads its input ``x`` (tokens x in) in the forward for ``h = x down^T`` and again in the
+backward for ``grad_down = grad_h^T x`` while writing an x-sized ``grad_h down``; and the model then sums
+each layer's x-sized input gradient. Attention's q, k and v (and the MLP's gate and up) are called on the
+very same tensor, so here the first of them called computes every member's output: the ``down`` factors
+stacked make one thin GEMM of the summed rank, the backward one thin_grads pass over ``x`` whose result
+the members' base GEMMs accumulate into (in their epilogues), and one input gradient leaves the group
+instead of one per layer. Same function (tests/test_shared_input.py).
 
-The group holds the products only for the tensor the first member was called with, and only until every
+The group holds the outputs only for the tensor the first member was called with, and only until every
 member has taken its own: a member called on another tensor, or called again, makes new ones. Members are
 grouped by name in ``apply_rosa`` (``RosaConfig.shared_inputs``); a group whose members would not all take
-the fused node in one dtype (hooks, autocast with float64, mixed factor dtypes) steps aside.
+the fused node in one dtype (hooks, autocast with float64, mixed factor dtypes) steps aside, each member
+then computing alone (rosa_scale/fused_linear.py).
 """
 from __future__ import annotations
 
@@ -21,35 +23,71 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from . import thin_grads
-from .fused_linear import _mm_as, cast_factors, fused_dtype
+from .fused_linear import _mm_as, accumulate_mm, cast_factors, fused_dtype
+
+PER_MEMBER = 4  # weight, bias (or None), down, up
 
 
-class SharedDown(torch.autograd.Function):
-    """``x @ down_i^T`` for every factor ``down_i`` from one GEMM over ``x``, each product contiguous;
-    the backward makes ``sum_i grad_h_i @ down_i`` and every ``grad_down_i`` from one pass over ``x``."""
+def _forward_products(x, down, weights, biases, ups, ranks, transposed) -> tuple[list, tuple]:
+    """Each member's ``h_i`` (one GEMM for all, then each made contiguous) and output: ``h_i up_i^T + b_i``,
+    then ``+= x W_i^T`` inside the base GEMM."""
+    x2 = x.reshape(-1, x.shape[-1])
+    hs = [part.contiguous() for part in (x2 @ down.t()).split(ranks, dim=1)]
+    outs = []
+    for w, b, up, h, t in zip(weights, biases, ups, hs, transposed):
+        out = h @ up.t() if b is None else torch.addmm(b, h, up.t())
+        accumulate_mm(out, x2, w if t else w.t())
+        outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+    return hs, tuple(outs)
+
+
+class SharedInputLinears(torch.autograd.Function):
+    """``x W_i^T + b_i + (x down_i^T) up_i^T`` for each member i, computed in ``dtype``; ``transposed[i]``:
+    W_i stored (in, out). ``tensors``: weight, bias, down, up of each member in turn."""
 
     @staticmethod
-    def forward(ctx, x, dtype: torch.dtype, kernels: bool, *downs):
-        ctx.ranks, ctx.kernels = [d.shape[0] for d in downs], kernels
-        ctx.factor_dtype, ctx.x_dtype = downs[0].dtype, x.dtype
+    def forward(ctx, x, dtype: torch.dtype, kernels: bool, transposed: tuple, *tensors):
+        weights, biases = tensors[0::PER_MEMBER], tensors[1::PER_MEMBER]
+        downs, ups = tensors[2::PER_MEMBER], tensors[3::PER_MEMBER]
+        ctx.ranks, ctx.kernels, ctx.transposed = [d.shape[0] for d in downs], kernels, transposed
+        ctx.factor_dtype = downs[0].dtype
+        ctx.input_dtypes = (x.dtype, [w.dtype for w in weights], [None if b is None else b.dtype for b in biases])
+        ctx.bias_shapes = [None if b is None else b.shape for b in biases]
         x = x.to(dtype)  # no copy unless autocast asks for one
-        down = torch.cat(cast_factors(dtype, *downs))
-        x2 = x.reshape(-1, x.shape[-1])
-        if torch.is_autocast_enabled(x.device.type):  # the operands are in autocast's dtype already
+        weights = [w.to(dtype) for w in weights]
+        biases = [None if b is None else b.to(dtype) for b in biases]
+        factors = cast_factors(dtype, *downs, *ups)  # the downs first: consecutive rows of one stacked factor
+        down = torch.cat(factors[:len(downs)]) if len(downs) > 1 else factors[0]
+        ups = factors[len(downs):]
+        if torch.is_autocast_enabled(x.device.type):  # the operands are in their compute dtype already
             with torch.autocast(x.device.type, enabled=False):
-                h = x2 @ down.t()
+                hs, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
         else:
-            h = x2 @ down.t()
-        ctx.save_for_backward(x, down)
-        return tuple(part.contiguous() for part in h.split(ctx.ranks, dim=1))
+            hs, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
+        ctx.save_for_backward(x, down, *weights, *ups, *hs)
+        return outs
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_hs):
-        x, down = ctx.saved_tensors
+    @once_differentiable  # the in-place accumulates have no derivative of their own
+    def backward(ctx, *grad_outs):
+        n = len(ctx.ranks)
+        x, down, *rest = ctx.saved_tensors
+        weights, ups, hs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_w, need_b = need[4::PER_MEMBER], need[5::PER_MEMBER]
+        need_down, need_up = any(need[6::PER_MEMBER]), need[7::PER_MEMBER]
         x2 = x.reshape(-1, x.shape[-1])
-        need_x, need_down = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        grad_h = torch.cat(grad_hs, dim=1)
+        gs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        grad_hs, grad_ups = [], []
+        for g, up, h, want_up in zip(gs, ups, hs, need_up):  # each from one read of g where the kernel applies
+            if ctx.kernels and want_up and thin_grads.usable(g, up, h):
+                grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
+            else:
+                grad_h, grad_up = g @ up, _mm_as(g.t(), h, ctx.factor_dtype) if want_up else None
+            grad_hs.append(grad_h)
+            grad_ups.append(grad_up)
+        grad_h = torch.cat(grad_hs, dim=1) if n > 1 else grad_hs[0]
         grad_x = grad_down = None
         if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
             grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
@@ -57,10 +95,18 @@ class SharedDown(torch.autograd.Function):
             grad_x = grad_h @ down if need_x else None
             if need_down:
                 grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape).to(ctx.x_dtype)
-        grad_downs = grad_down.split(ctx.ranks) if grad_down is not None else (None,) * len(ctx.ranks)
-        return (grad_x, None, None, *grad_downs)
+        x_dtype, w_dtypes, b_dtypes = ctx.input_dtypes
+        if need_x:  # every member's base term added inside its GEMM: one input gradient leaves the group
+            for g, w, t in zip(gs, weights, ctx.transposed):
+                accumulate_mm(grad_x, g, w.t() if t else w)
+            grad_x = grad_x.view(x.shape).to(x_dtype)
+        grad_downs = grad_down.split(ctx.ranks) if grad_down is not None else (None,) * n
+        grads = []
+        for i, (g, t) in enumerate(zip(gs, ctx.transposed)):
+            grad_w = (x2.t() @ g if t else g.t() @ x2).to(w_dtypes[i]) if need_w[i] else None
+            grad_b = g.sum(0).reshape(ctx.bias_shapes[i]).to(b_dtypes[i]) if need_b[i] else None
+            grads += [grad_w, grad_b, grad_downs[i], grad_ups[i]]
+        return (grad_x, None, None, None, *grads)
 
 
 class SharedInputGroup:
@@ -68,22 +114,23 @@ class SharedInputGroup:
 
     def __init__(self, members: Sequence[nn.Module]):
         self.members = list(members)
-        self._x = self._hs = None
+        self._x = self._outs = None
         self._left = 0
 
-    def product(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """``x @ layer.down^T`` in ``dtype`` from the group's one GEMM, or None where the group cannot make it."""
+    def output(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """``layer(x)`` from the group's one node, or None where the group cannot make it."""
         if self._x is not x or self._left == 0:
             if not self._all_fused(x, dtype):
                 return None
-            kernels = all(m.backward_kernels for m in self.members)
-            self._hs = SharedDown.apply(x, dtype, kernels, *(m.down for m in self.members))
+            tensors = [t for m in self.members for t in (m.base.weight, getattr(m.base, "bias", None), m.down, m.up)]
+            self._outs = SharedInputLinears.apply(x, dtype, all(m.backward_kernels for m in self.members),
+                                                  tuple(m.transposed for m in self.members), *tensors)
             self._x, self._left = x, len(self.members)
-        h = self._hs[layer.shared_index]
+        out = self._outs[layer.shared_index]
         self._left -= 1
         if self._left == 0:  # every member has its own: hold nothing past the layer's forward
-            self._x = self._hs = None
-        return h
+            self._x = self._outs = None
+        return out
 
     def _all_fused(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Every member would compute its fused node in ``dtype``, with factors of one dtype, unhooked

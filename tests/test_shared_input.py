@@ -8,8 +8,8 @@ from rosa_scale.layer import RosaLinear
 from tests.tiny import tiny_llama
 
 
-def _model(shared: bool, dtype=torch.float64, rank=4, seed=0):
-    model = tiny_llama(seed=seed).to(dtype)
+def _model(shared: bool, dtype=torch.float64, rank=4, seed=0, **overrides):
+    model = tiny_llama(seed=seed, **overrides).to(dtype)
     apply_rosa(model, RosaConfig(rank=rank, adapter_dtype="float32", **({} if shared else {"shared_inputs": []})))
     model.to(dtype)
     with torch.no_grad():  # factors away from the split's exact values, so every gradient term shows
@@ -38,19 +38,19 @@ def test_q_k_v_and_gate_up_are_grouped_and_o_and_down_are_not():
     assert all(m.shared_input is None for m in _model(False).modules() if isinstance(m, RosaLinear))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_grouped_model_has_the_loss_and_gradients_of_the_ungrouped_one_in_float64(checkpointing):
+@pytest.mark.parametrize("checkpointing,bias", [(False, False), (True, False), (False, True)])
+def test_grouped_model_has_the_loss_and_gradients_of_the_ungrouped_one_in_float64(checkpointing, bias):
     batch = torch.randint(0, 300, (2, 16))
     results = []
     for shared in (True, False):
-        model = _model(shared)
+        model = _model(shared, attention_bias=bias, mlp_bias=bias)  # biased q, k, v: as Qwen2's
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
         loss, grads = _loss_and_grads(model, batch)
         if shared:  # the group's node is in the graph, and it holds nothing once the layer is done
             group = model.model.layers[0].self_attn.q_proj.shared_input
-            assert group._x is None and group._hs is None
+            assert group._x is None and group._outs is None
         results.append((loss, grads))
     (loss_g, grads_g), (loss_u, grads_u) = results
     torch.testing.assert_close(loss_g, loss_u, rtol=1e-12, atol=1e-12)
@@ -60,14 +60,14 @@ def test_grouped_model_has_the_loss_and_gradients_of_the_ungrouped_one_in_float6
 
 
 def _shared_nodes(out: torch.Tensor) -> set:
-    """The SharedDown nodes ``out``'s gradient passes through."""
+    """The SharedInputLinears nodes ``out``'s gradient passes through."""
     seen, todo, found = set(), [out.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "SharedDown" in type(node).__name__:
+        if "SharedInputLinears" in type(node).__name__:
             found.add(node)
         todo.extend(next_node for next_node, _ in node.next_functions)
     return found
