@@ -182,9 +182,10 @@ def mp_policy(dev: torch.device):
 def prepare_layers(model: torch.nn.Module, args, dev: torch.device) -> None:
     """What rosa-train does to the decoder layers before sharding: checkpointing, then compilation."""
     from rosa_scale.compiled_layers import compile_decoder_layers
+    from rosa_scale.run_model import enable_checkpointing
 
     if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if args.compile:
         compile_decoder_layers(model, dev)
 

@@ -179,9 +179,11 @@ def llama_config(args):
 def prepare_for_training(model):
     """Train mode, gradient checkpointing as a QLoRA run uses it; the embedding output is made to
     require grad so backward reaches every layer whatever the checkpointing flavour."""
+    from rosa_scale.run_model import enable_checkpointing
+
     model.config.use_cache = False
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.enable_input_require_grads()
     return model
 

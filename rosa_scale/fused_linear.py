@@ -62,6 +62,22 @@ def cast_factors(dtype: torch.dtype, *factors: torch.Tensor) -> tuple[torch.Tens
     return tuple(part.view(f.shape) for part, f in zip(flat.split([f.numel() for f in factors]), factors))
 
 
+def up_side_grads(g, up, h, need_grad_h: bool, need_up: bool, kernels: bool, factor_dtype: torch.dtype):
+    """``grad_h = g up`` and ``grad_up = g^T h`` (None where not needed): one read of ``g`` where thin_grads'
+    kernel applies (``kernels``), two GEMMs otherwise."""
+    if kernels and need_up and need_grad_h and thin_grads.usable(g, up, h):
+        return thin_grads.grad_h_and_up(g, up, h, factor_dtype)
+    return g @ up if need_grad_h else None, _mm_as(g.t(), h, factor_dtype) if need_up else None
+
+
+def down_side_grads(x2, down, grad_h, need_x: bool, need_down: bool, kernels: bool, factor_dtype: torch.dtype):
+    """``grad_down = grad_h^T x`` and the adapter's input gradient ``grad_h down`` (a fresh tensor the base
+    GEMM may accumulate into), None where not needed: one read of ``x`` where the kernel applies."""
+    if kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
+        return thin_grads.grad_down_and_x(x2, down, grad_h, factor_dtype)
+    return _mm_as(grad_h.t(), x2, factor_dtype) if need_down else None, grad_h @ down if need_x else None
+
+
 class FusedRosaLinear(torch.autograd.Function):
     """``x @ W^T + bias + (x @ down^T) @ up^T`` with W stored (out, in), or (in, out) when ``transposed``,
     computed in ``dtype``: the inputs' own, or autocast's (each input cast as autocast's ``linear`` casts it).
@@ -93,20 +109,10 @@ class FusedRosaLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        grad_x = grad_w = grad_b = grad_down = grad_up = None
+        grad_w = grad_b = None
         # each pair below from one read of g, then of x, where thin_grads' kernels apply
-        if ctx.kernels and need_up and (need_x or need_down) and thin_grads.usable(g, up, h):
-            grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
-        else:
-            grad_h = g @ up if (need_x or need_down) else None
-            if need_up:
-                grad_up = _mm_as(g.t(), h, ctx.factor_dtype)
-        if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
-            grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
-        else:
-            grad_x = grad_h @ down if need_x else None
-            if need_down:
-                grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
+        grad_h, grad_up = up_side_grads(g, up, h, need_x or need_down, need_up, ctx.kernels, ctx.factor_dtype)
+        grad_down, grad_x = down_side_grads(x2, down, grad_h, need_x, need_down, ctx.kernels, ctx.factor_dtype)
         x_dtype, w_dtype, b_dtype = ctx.input_dtypes
         if need_x:
             accumulate_mm(grad_x, g, weight.t() if ctx.transposed else weight)

@@ -25,6 +25,16 @@ class Prepared:
     split_after_prepare: bool  # the first split is still to be made, on the shards
 
 
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, under the name the installed
+    transformers has (``activation_checkpointing_enable`` since 5.x; ``gradient_checkpointing_enable`` before)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_fsdp: bool,
                   deepspeed: bool) -> Prepared:
     """The model for ``cfg`` under the engine the launch chose. Under FSDP2 (accelerate's plugin, or
@@ -53,7 +63,7 @@ def prepare_model(cfg: TrainConfig, accelerator, model_path: str, *, accelerate_
                       accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     compiled = _compile_layers(cfg, model, device, quantized=quantized, deepspeed=deepspeed,
                                accelerate_fsdp=accelerate_fsdp)
     if own_fsdp:

@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from . import thin_grads
-from .fused_linear import _mm_as, accumulate_mm, cast_factors, fused_dtype
+from .fused_linear import accumulate_mm, cast_factors, down_side_grads, fused_dtype, up_side_grads
 
 PER_MEMBER = 4  # weight, bias (or None), down, up
 
@@ -81,20 +80,11 @@ class SharedInputLinears(torch.autograd.Function):
         gs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
         grad_hs, grad_ups = [], []
         for g, up, h, want_up in zip(gs, ups, hs, need_up):  # each from one read of g where the kernel applies
-            if ctx.kernels and want_up and thin_grads.usable(g, up, h):
-                grad_h, grad_up = thin_grads.grad_h_and_up(g, up, h, ctx.factor_dtype)
-            else:
-                grad_h, grad_up = g @ up, _mm_as(g.t(), h, ctx.factor_dtype) if want_up else None
+            grad_h, grad_up = up_side_grads(g, up, h, True, want_up, ctx.kernels, ctx.factor_dtype)
             grad_hs.append(grad_h)
             grad_ups.append(grad_up)
         grad_h = torch.cat(grad_hs, dim=1) if n > 1 else grad_hs[0]
-        grad_x = grad_down = None
-        if ctx.kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
-            grad_down, grad_x = thin_grads.grad_down_and_x(x2, down, grad_h, ctx.factor_dtype)
-        else:
-            grad_x = grad_h @ down if need_x else None
-            if need_down:
-                grad_down = _mm_as(grad_h.t(), x2, ctx.factor_dtype)
+        grad_down, grad_x = down_side_grads(x2, down, grad_h, need_x, need_down, ctx.kernels, ctx.factor_dtype)
         x_dtype, w_dtypes, b_dtypes = ctx.input_dtypes
         if need_x:  # every member's base term added inside its GEMM: one input gradient leaves the group
             for g, w, t in zip(gs, weights, ctx.transposed):

@@ -1,10 +1,10 @@
 """Sibling layers called on one input (q, k, v; gate, up) share their thin products: same function."""
 import pytest
 import torch
-import torch.nn as nn
 
 from rosa_scale import RosaConfig, apply_rosa
 from rosa_scale.layer import RosaLinear
+from rosa_scale.run_model import enable_checkpointing
 from tests.tiny import tiny_llama
 
 
@@ -45,7 +45,7 @@ def test_grouped_model_has_the_loss_and_gradients_of_the_ungrouped_one_in_float6
     for shared in (True, False):
         model = _model(shared, attention_bias=bias, mlp_bias=bias)  # biased q, k, v: as Qwen2's
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             model.train()
         loss, grads = _loss_and_grads(model, batch)
         if shared:  # the group's node is in the graph, and it holds nothing once the layer is done
