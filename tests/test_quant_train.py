@@ -118,7 +118,8 @@ def test_engines_that_cannot_hold_a_quantized_base_refuse_in_one_line():
 def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     """FSDP2 over an NF4 base (the base whole on each rank, the factors sharded or whole), 2 gloo processes,
     against one process on the same global batch: they differ by fp32 reduction order only, which
-    Adam amplifies over 12 steps at lr 1e-2 (measured: 1e-6 in the first 6 steps, 2.4e-4 by step 12,
+    Adam amplifies over 12 steps at lr 1e-2 (measured: 5e-7 before the first resample, 1e-6 to 1e-5 in
+    the two steps after it, by CPU: the window merged and split in another order; 2.4e-4 by step 12,
     5.2e-3 in the merged weights that training moved by 0.085; DDP on 2 processes gave FSDP2's losses
     exactly). The sharded checkpoint consolidates to FSDP2's own export, bit for bit."""
     from tests.ports import free_port
@@ -143,7 +144,7 @@ def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_pa
     start = load_file(tiny_model_dir / "model.safetensors")
     for name in fsdp:
         for step, loss in losses["one"].items():
-            assert abs(losses[name][step] - loss) <= (2e-6 if step <= 6 else 1e-3), (name, step)
+            assert abs(losses[name][step] - loss) <= (2e-6 if step <= 4 else 5e-5 if step <= 6 else 1e-3), (name, step)
         for key, value in merged["one"].items():
             torch.testing.assert_close(merged[name][key], value, rtol=0, atol=1e-2, msg=key)
         out = tmp_path / f"hf-{name}"
