@@ -34,10 +34,11 @@ def busy_ms(kernels: list) -> float:
     return total / 1e3
 
 
-def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict, str]:
+def profile_steps(step: Callable[[], None], steps: int, by_name: bool = False) -> tuple[dict, str]:
     """Run ``step`` ``steps`` times under the profiler (CPU and CUDA): per-step kernel milliseconds and
     counts by kind, the span from the first kernel's start to the last one's end, and the key-averages
-    table (top 30 by GPU time)."""
+    table (top 30 by GPU time). ``by_name``: also ``kernel_us_by_name``, [name, us per step, calls per step]
+    of every kernel, longest first."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -58,5 +59,11 @@ def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict, str]:
            "kernel_ms_per_step": sum(ms.values()) / steps,
            **{f"kernel_ms_{k}": v / steps for k, v in ms.items()},
            **{f"kernels_{k}": c // steps for k, c in count.items()}}
+    if by_name:
+        us, calls = collections.Counter(), collections.Counter()
+        for e in kernels:
+            us[e.name] += e.device_time_total
+            calls[e.name] += 1
+        out["kernel_us_by_name"] = [[name, total / steps, calls[name] / steps] for name, total in us.most_common()]
     sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
     return out, prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=80)

@@ -1,0 +1,129 @@
+"""One decoder layer's forward and backward: the frozen base vs ROSA variants, paired in one process.
+
+    python3 bench/layer_bench.py --compile --out FILE.json                       # GPU, Llama-3-8B shape
+    python3 bench/layer_bench.py --device cpu --tiny --rounds 2 --steps 2 --out f.json
+
+Whole steps of separate processes move 1-2% between runs (fsdp2_bench), more than most single changes to
+the adapter's step are worth. Here every mode is a one-layer model of the same shape and seed, built and
+compiled side by side, timed in alternating rounds (the order reversed every other round) so drift falls
+on all of them alike; the result is each mode's median step and its paired difference from ``rosa``.
+ROSA layers hold fp32 factors beside the bf16 base and compute in bf16 (``compute_dtype``, as FSDP2's
+mixed precision sets it). ``--profile N`` adds each mode's kernels by name (``step_profile.py``).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp2_bench import TARGETS, parse_args  # noqa: E402  (also puts the repository on the path)
+
+MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_unfused")
+
+
+def extra_args(p) -> None:
+    p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds of --steps steps per mode")
+
+
+def build_layer(args, dev: torch.device, mode: str):
+    """A one-layer model for ``mode``; returns (its decoder layer, rotary embeddings for the input)."""
+    from fsdp2_bench import build_model, prepare_layers
+    from rosa_scale import RosaConfig, apply_rosa, rosa_layers
+
+    layers = args.layers
+    args.layers = 1
+    model = build_model(args, dev)
+    args.layers = layers
+    if mode == "frozen":
+        model.requires_grad_(False)
+    else:
+        apply_rosa(model, RosaConfig(rank=args.rank, target_modules=TARGETS, method="qr", seed=args.seed,
+                                     fused=mode != "rosa_unfused",
+                                     **({"shared_inputs": []} if mode == "rosa_ungrouped" else {})))
+        for layer in rosa_layers(model).values():
+            layer.compute_dtype = model.dtype
+            layer.backward_kernels = mode != "rosa_gemms"
+    prepare_layers(model, args, dev)  # checkpointing, then compilation, as rosa-train does
+    return model
+
+
+def step_fn(model, hidden: torch.Tensor, grad: torch.Tensor):
+    """One forward and backward of the model's decoder layer on ``hidden`` (the layer's input gets a gradient,
+    as inside a model); factor gradients dropped after each step."""
+    layer = model.model.layers[0]
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+    embeddings = model.model.rotary_emb(hidden, positions)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        x = hidden.detach().requires_grad_()
+        out = layer(x, position_embeddings=embeddings, position_ids=positions)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+        for p in params:
+            p.grad = None
+    return step
+
+
+def timed_ms(step, steps: int, dev: torch.device) -> float:
+    """Milliseconds per step over ``steps`` steps (CUDA events on GPUs)."""
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / steps
+    begin = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - begin) * 1e3 / steps
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv, modes=MODES, methods="", description=__doc__.splitlines()[0], extra=extra_args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("layer_bench: no CUDA device (use --device cpu)")
+    dev = torch.device(args.device)
+    models = {mode: build_layer(args, dev, mode) for mode in args.modes}
+    dtype = next(iter(models.values())).dtype
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch, args.seq, args.hidden)
+    hidden = torch.randn(shape, generator=generator).to(dev, dtype)
+    grad = torch.randn(shape, generator=generator).to(dev, dtype)
+    steps = {mode: step_fn(model, hidden, grad) for mode, model in models.items()}
+    for step in steps.values():  # compilation and autotuning out of the timings
+        for _ in range(args.warmup):
+            step()
+    times = {mode: [] for mode in steps}
+    for r in range(args.rounds):
+        for mode in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            times[mode].append(timed_ms(steps[mode], args.steps, dev))
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "shape": {k: getattr(args, k) for k in ("hidden", "intermediate", "heads", "kv_heads", "seq", "batch",
+                                                       "rank")},
+              "compile": args.compile, "checkpointing": args.checkpointing, "rounds": args.rounds, "steps": args.steps}
+    for mode, values in times.items():
+        result[f"{mode}_ms"], result[f"{mode}_ms_rounds"] = statistics.median(values), values
+        if mode != "rosa" and "rosa" in times:  # paired within each round: drift cancels
+            result[f"{mode}_minus_rosa_ms"] = statistics.median(a - b for a, b in zip(values, times["rosa"]))
+        if mode != "frozen" and "frozen" in times:
+            result[f"frozen_over_{mode}"] = result["frozen_ms"] / result[f"{mode}_ms"]
+    if args.profile:
+        from step_profile import profile_steps
+
+        for mode, step in steps.items():
+            out, _ = profile_steps(step, args.profile, by_name=True)
+            result[f"{mode}_profile"] = out
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("[layer_bench] " + ", ".join(f"{m} {result[f'{m}_ms']:.3f} ms" for m in times), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
