@@ -9,7 +9,9 @@ the members' base GEMMs accumulate into (in their epilogues), and one input grad
 instead of one per layer. Same function (tests/test_shared_input.py).
 
 The group holds the outputs only for the tensor the first member was called with, and only until every
-member has taken its own: a member called on another tensor, or called again, makes new ones. Members are
+member has taken its own; a member called again makes new ones. A member called on another tensor before
+taking its output shows that the model feeds them different inputs (cross-attention's q against k and v):
+the group then steps aside for good, each member computing alone. Members are
 grouped by name in ``apply_rosa`` (``RosaConfig.shared_inputs``); a group whose members would not all take
 the fused node in one dtype (hooks, autocast with float64, mixed factor dtypes) steps aside, each member
 then computing alone (rosa_scale/fused_linear.py).
@@ -104,20 +106,33 @@ class SharedInputGroup:
 
     def __init__(self, members: Sequence[nn.Module]):
         self.members = list(members)
+        self.disabled = False  # set once the members turn out to be called on different tensors
         self._x = self._outs = None
-        self._left = 0
+        self._left = self._taken = 0  # outputs not yet taken; bit i: member i has taken its own
 
     def output(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """``layer(x)`` from the group's one node, or None where the group cannot make it."""
-        if self._x is not x or self._left == 0:
+        if self.disabled:
+            return None
+        taken = self._taken >> layer.shared_index & 1
+        if self._left and not taken:
+            if self._x is not x:
+                # a member called on another tensor before taking its output (cross-attention's k and v, say):
+                # these layers do not share their input in this model, so each computes alone from now on
+                self.disabled, self._x, self._outs, self._left = True, None, None, 0
+                return None
+        elif self._left and self._x is x:  # called again before its siblings took theirs: alone, theirs kept
+            return None
+        else:
             if not self._all_fused(x, dtype):
                 return None
             tensors = [t for m in self.members for t in (m.base.weight, getattr(m.base, "bias", None), m.down, m.up)]
             self._outs = SharedInputLinears.apply(x, dtype, all(m.backward_kernels for m in self.members),
                                                   tuple(m.transposed for m in self.members), *tensors)
-            self._x, self._left = x, len(self.members)
+            self._x, self._left, self._taken = x, len(self.members), 0
         out = self._outs[layer.shared_index]
         self._left -= 1
+        self._taken |= 1 << layer.shared_index
         if self._left == 0:  # every member has its own: hold nothing past the layer's forward
             self._x = self._outs = None
         return out

@@ -83,22 +83,43 @@ def test_the_shared_product_is_in_the_autograd_graph():
     assert not _shared_nodes(attn.o_proj(x))
 
 
-def test_a_member_called_on_another_tensor_or_twice_computes_its_own_product():
+def _separate(layer, x):
+    return layer.base(x) + x @ layer.down.t().double() @ layer.up.t().double()
+
+
+def test_a_member_called_again_computes_alone_and_its_siblings_keep_the_shared_outputs():
     model = _model(True)
     attn = model.model.layers[0].self_attn
-    x1, x2 = (torch.randn(3, 64, dtype=torch.float64) for _ in range(2))
-
-    def separate(layer, x):
-        return layer.base(x) + x @ layer.down.t().double() @ layer.up.t().double()
-
-    torch.testing.assert_close(attn.q_proj(x1), separate(attn.q_proj, x1))
-    torch.testing.assert_close(attn.k_proj(x2), separate(attn.k_proj, x2))  # not x1's product
-    torch.testing.assert_close(attn.k_proj(x2), separate(attn.k_proj, x2))  # again
-    torch.testing.assert_close(attn.q_proj(x2), separate(attn.q_proj, x2))
-    torch.testing.assert_close(attn.v_proj(x2), separate(attn.v_proj, x2))
+    group = attn.q_proj.shared_input
+    x, y = (torch.randn(3, 64, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(attn.q_proj(x), _separate(attn.q_proj, x))
+    again = attn.q_proj(x)
+    assert not _shared_nodes(again)
+    torch.testing.assert_close(again, _separate(attn.q_proj, x))
+    k = attn.k_proj(x)
+    assert _shared_nodes(k) and group._left == 1
+    torch.testing.assert_close(k, _separate(attn.k_proj, x))
+    torch.testing.assert_close(attn.v_proj(x), _separate(attn.v_proj, x))
+    assert group._outs is None and not group.disabled
     with torch.no_grad():
-        attn.v_proj.down.mul_(2)  # a member's factor changed: the next call sees it
-    torch.testing.assert_close(attn.v_proj(x1), separate(attn.v_proj, x1))
+        attn.v_proj.down.mul_(2)  # a member's factor changed: the next pass sees it
+    outs = [getattr(attn, n)(y) for n in ("q_proj", "k_proj", "v_proj")]
+    assert len(set().union(*map(_shared_nodes, outs))) == 1
+    for name, out in zip(("q_proj", "k_proj", "v_proj"), outs):
+        torch.testing.assert_close(out, _separate(getattr(attn, name), y))
+
+
+def test_members_fed_different_tensors_turn_the_group_off_and_each_computes_alone():
+    """Cross-attention's q reads the decoder's states, k and v the encoder's: not a shared input."""
+    model = _model(True)
+    attn = model.model.layers[0].self_attn
+    decoder, encoder = (torch.randn(3, 64, dtype=torch.float64) for _ in range(2))
+    for _ in range(2):
+        outs = [attn.q_proj(decoder), attn.k_proj(encoder), attn.v_proj(encoder)]
+        assert attn.q_proj.shared_input.disabled
+        for name, out, x in zip(("q_proj", "k_proj", "v_proj"), outs, (decoder, encoder, encoder)):
+            torch.testing.assert_close(out, _separate(getattr(attn, name), x))
+    assert not any(_shared_nodes(out) for out in outs)  # the second pass: each alone from the start
 
 
 def test_a_hooked_member_sends_the_group_back_to_each_layer_alone():
