@@ -28,3 +28,30 @@ def test_ratios_pair_the_modes_of_one_run_and_read_local_modes_as_their_fsdp_nam
     assert flat["rosa_over_ungrouped_1gpu_local"] == pytest.approx(190 / 180)
     assert flat["rosa_over_unfused_1gpu_local"] == pytest.approx(190 / 170)
     assert flat["target_met_rosa_over_frozen_1gpu"] is False and flat["target_met_rosa_over_peft_1gpu"] is True
+
+
+def _run_perf(tmp_path, parts, **env):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "run_perf.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DEVICE": "cpu", **env}
+    return subprocess.run(["bash", str(script), "1", str(tmp_path), "t", parts], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_run_perf_writes_the_files_perf_report_reads_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """A part that would overrun the call's budget is skipped (exit 3), what ran is where perf_report looks."""
+    import perf_report
+
+    proc = _run_perf(tmp_path, "peft-eager rosa-ckpt", BUDGET_S="20", PART_S="20")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rosa-ckpt skipped" in proc.stdout
+    assert not (tmp_path / "t-1gpu-rosa-ckpt.json").exists()
+    assert perf_report.load(str(tmp_path / "t"), "1gpu-peft-eager")["peft_lora_tok_s_per_gpu"] > 0
+
+
+def test_run_perf_refuses_an_unknown_part_before_running_anything(tmp_path):
+    proc = _run_perf(tmp_path, "peft-eager compiledd")
+    assert proc.returncode == 2 and "unknown part 'compiledd'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

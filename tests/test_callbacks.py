@@ -12,6 +12,7 @@ from rosa_scale import RosaConfig, adapter_parameters, apply_rosa
 from rosa_scale.callbacks import RosaCallback
 from tests.rank_runs import run_ranks
 from tests.tiny import corpus, tiny_llama, tiny_tokenizer
+from tests.proc_failure import stderr_report
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
        "PYTHONWARNINGS": "ignore::FutureWarning"}
@@ -167,7 +168,7 @@ def one_process_trainer(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer-one") / "one"
     proc = subprocess.run([sys.executable, "-m", "tests.trainer_worker", "--out", str(out), "--batch", "4"],
                           capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     return torch.load(out, weights_only=True)
 
 
@@ -187,7 +188,7 @@ def test_trainer_on_two_processes_matches_one(engine, one_process_trainer, tmp_p
                 "--engine", engine]
 
     proc = run_ranks(command, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     run, one = torch.load(out, weights_only=True), one_process_trainer
     assert run["world"] == 2 and run["engine"] == {"ddp": "local"}.get(engine, engine)
     assert run["events"] == one["events"] == [3, 6]

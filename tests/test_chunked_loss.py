@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rosa_scale.chunked_loss import chunked_causal_lm_loss, chunked_lm_loss
+from tests.proc_failure import stderr_report
 
 B, S, H, V = 2, 9, 16, 37  # 16 shifted tokens
 
@@ -152,7 +153,7 @@ def test_rosa_train_with_loss_chunks_trains_the_same(tiny_model_dir, tiny_data, 
         out = tmp_path / name
         proc = subprocess.run([*launch, *_args(tiny_model_dir, tiny_data, out, batch, 8, extra)],
                               capture_output=True, text=True, env=ENV, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in line]
         evals[name] = json.loads((out / "summary.json").read_text())["eval_loss_after"]

@@ -27,6 +27,7 @@ from rosa_scale.consolidate import main
 from rosa_scale.export import merged_state_dict
 from tests.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 from tests.rank_runs import run_ranks
+from tests.proc_failure import stderr_report
 
 ERROR = "rosa-consolidate: error:"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
@@ -368,7 +369,7 @@ def _peak_rss_mb(*args) -> float:
     """Peak RSS (MiB) of the installed rosa-consolidate script, measured by a parent that runs only it."""
     script = Path(sys.executable).parent / "rosa-consolidate"
     proc, peak_mib = run_measured([str(script), *map(str, args), "--no-progress"], env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     return peak_mib
 
 

@@ -23,6 +23,7 @@ import rosa_scale.training_run as run_mod
 from rosa_scale.checkpoint import read_trainer_state
 from rosa_scale.metrics import MetricsWriter
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -100,7 +101,7 @@ def test_saving_at_resample_steps_changes_nothing_two_processes(extra, tiny_mode
                "--master_port", str(free_port()), "-m", "rosa_scale.train",
                *_args(tiny_model_dir, tiny_data, out, *extra, *more, steps=10, batch_size=2)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
         return out
 
     plain, saved = launch(tmp_path / "plain"), launch(tmp_path / "saved", "--save-every", "7")

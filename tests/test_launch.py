@@ -12,6 +12,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "GPUS_PER_NODE": "0", "PYTHON": sys.executable}
@@ -67,7 +68,7 @@ def test_two_nodes_equal_one_node(tiny_model_dir, tiny_data, tmp_path):
                                *_train_args(tiny_model_dir, tiny_data, tmp_path / "one-node", extra=["--fsdp", "true"])],
                               cwd=ROOT, env={**ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
                               capture_output=True, text=True, timeout=300)
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    assert one_node.returncode == 0, stderr_report(one_node)
     a = load_file(tmp_path / "two-nodes" / "merged" / "model.safetensors")
     b = load_file(tmp_path / "one-node" / "merged" / "model.safetensors")
     assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
@@ -108,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_and_a_relaunch_resumes(tiny_model_dir, tiny_
     env["MASTER_PORT"] = str(free_port())
     again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, stderr_report(again)
     assert f"at step {stopped}" in again.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
@@ -162,7 +163,7 @@ def test_a_signal_to_the_launcher_saves_exits_75_leaves_no_process_and_the_relau
     shorter = [*args, "--max-steps", str(stopped + 2), "--resume-override", "[max_steps]"]
     again = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *shorter], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, stderr_report(again)
     assert f"at step {stopped}" in again.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == stopped + 2
 
@@ -264,6 +265,6 @@ def test_local_launcher_on_cpu_shards_with_fsdp2(tiny_model_dir, tiny_data, tmp_
     proc = subprocess.run([str(ROOT / "launch" / "local.sh"), *_train_args(tiny_model_dir, tiny_data, out, steps=3)],
                           cwd=ROOT, env={**env, "NPROC": "2", "MASTER_PORT": str(free_port())},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     seen = json.loads((out / "summary.json").read_text())
     assert seen["engine"] == "fsdp2" and seen["world_size"] == seen["num_processes"] == 2

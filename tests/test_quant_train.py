@@ -15,12 +15,13 @@ from rosa_scale import apply_rosa  # noqa: E402
 from rosa_scale.config import ConfigError, RosaConfig, TrainConfig  # noqa: E402
 from rosa_scale.consolidate import main as consolidate_main  # noqa: E402
 from tests.test_resume import ENV, _args, _losses  # noqa: E402
+from tests.proc_failure import stderr_report  # noqa: E402
 
 
 def _run(cmd, ok=True, env=ENV):
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=600)
     if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
     return proc
 
 
@@ -135,7 +136,7 @@ def test_fsdp2_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_pa
                       *dist_args(tiny_model_dir, tiny_data, tmp_path / name, 2), *quant, *extra]
     for cmd in runs.values():
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
     for name in fsdp:
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["engine"] == "fsdp2" and summary["replicated_factors"] == name.endswith("replicated")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -36,7 +37,7 @@ def _losses(out):
 
 def _run(cmd):
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     return proc
 
 
@@ -139,7 +140,7 @@ def test_zero3_resume_through_accelerate(tiny_model_dir, tiny_data, tmp_path):
                "-m", "tests.accelerate_cpu",
                *_args(tiny_model_dir, tiny_data, out, 2, 20, ["--save-every", "10", *extra])[2:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(straight)

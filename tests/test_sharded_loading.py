@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.rank_runs import run_ranks
+from tests.proc_failure import stderr_report
 
 
 def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model_dir, tmp_path):
@@ -24,7 +25,7 @@ def test_empty_model_is_filled_shard_by_shard_with_the_folders_values(tiny_model
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(port), "-m", "tests.sharded_loading_worker", "--model", str(tiny_model_dir),
         "--bad-model", str(bad), "--out", str(out)], env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     report = json.loads(out.with_suffix(".pt.json").read_text())
     assert report["meta_params"] and report["real_buffers"] and report["world_size"] == 2
     assert report["bad"] == ("model.safetensors holds 'model.extra.weight', which LlamaForCausalLM has no parameter "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
@@ -23,7 +24,7 @@ def _shrunk(config, model_dir, data, out):
 
 
 def _check(out, engine, proc):
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["engine"] == engine
     assert (out / "checkpoints" / "latest").read_text().strip().endswith("00000004")
@@ -69,7 +70,7 @@ def test_quantized_one_gpu_configs_run(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rosa_scale.train", *_shrunk(config, tiny_model_dir, tiny_data, out)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["engine"] == "local"
     assert "weights bfloat16 (ROSA targets nf4, frozen), compute bf16" in proc.stdout

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 
 def _args(model_dir, data, out, batch_size):
@@ -28,7 +29,7 @@ def single_run(tiny_model_dir, tiny_data, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, *_args(tiny_model_dir, tiny_data, out, 4)],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 1
     return out
 
@@ -44,7 +45,7 @@ def test_two_processes_match_one_process(engine, extra, single_run, tiny_model_d
               "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     two = subprocess.run([*launch, *_args(tiny_model_dir, tiny_data, tmp_path / "two", 2), *extra],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, stderr_report(two)
 
     seen = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert seen["distributed_type"] == "MULTI_CPU" and seen["engine"] == engine
@@ -74,7 +75,7 @@ def test_uneven_targets_weigh_the_same_on_two_processes(tiny_model_dir, tiny_dat
     for name, (start, batch) in runs.items():
         proc = subprocess.run([*start, *_args(tiny_model_dir, tiny_data, tmp_path / name, batch), *padded],
                               capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, stderr_report(proc)
     one = load_file(tmp_path / "one" / "merged" / "model.safetensors")
     two = load_file(tmp_path / "two" / "merged" / "model.safetensors")
     for name in one:
@@ -93,7 +94,7 @@ def test_accelerate_launch_with_the_cpu_config_really_shards(tiny_model_dir, tin
     args = _args(tiny_model_dir, tiny_data, tmp_path / "acc", 2)[2:]
     proc = subprocess.run([*launch, *args, "--max-steps", "4", "--fsdp", "true"], capture_output=True,
                           text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     seen = json.loads((tmp_path / "acc" / "summary.json").read_text())
     assert seen["engine"] == "fsdp2" and seen["num_processes"] == seen["world_size"] == 2
     assert seen["replicated_factors"]  # fsdp_factors: auto, a few factors: whole on each process
@@ -145,7 +146,7 @@ def test_accelerate_deepspeed_zero3_matches_one_process(ds_config, leaf, checkpo
     args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", leaf,
             "--gradient-checkpointing", checkpointing]
     proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, args, ["--deepspeed_config_file", ds_config])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     seen = json.loads((out / "summary.json").read_text())
     assert seen["distributed_type"] == "DEEPSPEED" and seen["engine"] == "zero3"
     assert seen["num_processes"] == seen["world_size"] == 2
@@ -197,7 +198,7 @@ def test_zero3_leaves_chosen_by_deepspeed_train(single_run, tiny_model_dir, tiny
     out = tmp_path / "z3"
     args = [*_args(tiny_model_dir, tiny_data, out, 2)[2:], "--zero3-leaf-layers", "false"]
     proc = _accelerate_run("configs/accelerate/zero3_cpu.yaml", out, args, ["--deepspeed_config_file", str(ds)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     assert json.loads((out / "summary.json").read_text())["zero3_fast_leaf_fetch"] is True
     one = load_file(single_run / "merged" / "model.safetensors")
     other = load_file(out / "merged" / "model.safetensors")

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 import rosa_scale.train as train_mod
 import rosa_scale.training_run as run_mod
 from rosa_scale.config import load_config
+from tests.proc_failure import stderr_report
 
 
 def test_train_resample_merge_export(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
@@ -61,7 +62,7 @@ def test_demo_config_runs_on_the_builtin_model_and_corpus(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rosa_scale.train", "--config", str(config), "--max-steps", "2",
                            "--resample-every", "1", "--max-train-blocks", "16", "--max-eval-blocks", "4",
                            "--batch-size", "2", "--output-dir", str(out)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr_report(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resamples"] == 1 and summary["steps"] == 2
     assert 5 < summary["eval_ppl_before"] < 100  # a real pretrained model on real English, not random weights
