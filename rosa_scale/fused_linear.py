@@ -64,17 +64,20 @@ def cast_factors(dtype: torch.dtype, *factors: torch.Tensor) -> tuple[torch.Tens
 
 def up_side_grads(g, up, h, need_grad_h: bool, need_up: bool, kernels: bool, factor_dtype: torch.dtype):
     """``grad_h = g up`` and ``grad_up = g^T h`` (None where not needed): one read of ``g`` where thin_grads'
-    kernel applies (``kernels``), two GEMMs otherwise."""
+    kernel applies (``kernels``; ``grad_h`` then comes as its fp32 sums), two GEMMs otherwise."""
     if kernels and need_up and need_grad_h and thin_grads.usable(g, up, h):
-        return thin_grads.grad_h_and_up(g, up, h, factor_dtype)
+        grad_h, (grad_up,) = thin_grads.grad_h_and_up([g], [up], h, factor_dtype)
+        return grad_h, grad_up
     return g @ up if need_grad_h else None, _mm_as(g.t(), h, factor_dtype) if need_up else None
 
 
 def down_side_grads(x2, down, grad_h, need_x: bool, need_down: bool, kernels: bool, factor_dtype: torch.dtype):
     """``grad_down = grad_h^T x`` and the adapter's input gradient ``grad_h down`` (a fresh tensor the base
-    GEMM may accumulate into), None where not needed: one read of ``x`` where the kernel applies."""
+    GEMM may accumulate into), None where not needed: one read of ``x`` where the kernel applies (it rounds an
+    fp32 ``grad_h`` to ``x``'s dtype as it loads it; the GEMMs get it rounded first)."""
     if kernels and need_x and need_down and thin_grads.usable(x2, down, grad_h):
         return thin_grads.grad_down_and_x(x2, down, grad_h, factor_dtype)
+    grad_h = grad_h.to(x2.dtype)
     return _mm_as(grad_h.t(), x2, factor_dtype) if need_down else None, grad_h @ down if need_x else None
 
 

@@ -24,22 +24,36 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from . import thin_grads
 from .fused_linear import accumulate_mm, cast_factors, down_side_grads, fused_dtype, up_side_grads
 
 PER_MEMBER = 4  # weight, bias (or None), down, up
 
 
-def _forward_products(x, down, weights, biases, ups, ranks, transposed) -> tuple[list, tuple]:
-    """Each member's ``h_i`` (one GEMM for all, then each made contiguous) and output: ``h_i up_i^T + b_i``,
-    then ``+= x W_i^T`` inside the base GEMM."""
+def _forward_products(x, down, weights, biases, ups, ranks, transposed) -> tuple[torch.Tensor, tuple]:
+    """``h`` (every member's ``h_i`` side by side, one GEMM) and each member's output: ``h_i up_i^T + b_i``
+    (``h_i`` read in place, a column slice), then ``+= x W_i^T`` inside the base GEMM."""
     x2 = x.reshape(-1, x.shape[-1])
-    hs = [part.contiguous() for part in (x2 @ down.t()).split(ranks, dim=1)]
+    h = x2 @ down.t()
+    hs = h.split(ranks, dim=1)
     outs = []
-    for w, b, up, h, t in zip(weights, biases, ups, hs, transposed):
-        out = h @ up.t() if b is None else torch.addmm(b, h, up.t())
+    for w, b, up, h_i, t in zip(weights, biases, ups, hs, transposed):
+        out = h_i @ up.t() if b is None else torch.addmm(b, h_i, up.t())
         accumulate_mm(out, x2, w if t else w.t())
         outs.append(out.view(*x.shape[:-1], out.shape[-1]))
-    return hs, tuple(outs)
+    return h, tuple(outs)
+
+
+def _up_side_grads(gs, ups, h, ranks, need_up, kernels: bool, factor_dtype) -> tuple[torch.Tensor, list]:
+    """Every member's ``grad_h`` side by side and its ``grad_up`` (None where not needed): one thin_grads
+    call for the group where its kernel applies to each member, each member's own products otherwise."""
+    hs = h.split(ranks, dim=1)
+    if kernels and all(need_up) and all(thin_grads.usable(g, up, h_i) for g, up, h_i in zip(gs, ups, hs)):
+        grad_h, grad_ups = thin_grads.grad_h_and_up(gs, ups, h, factor_dtype)
+        return grad_h, list(grad_ups)
+    pairs = [up_side_grads(g, up, h_i, True, want, kernels, factor_dtype)
+             for g, up, h_i, want in zip(gs, ups, hs, need_up)]
+    return torch.cat([grad_h for grad_h, _ in pairs], dim=1), [grad_up for _, grad_up in pairs]
 
 
 class SharedInputLinears(torch.autograd.Function):
@@ -62,30 +76,25 @@ class SharedInputLinears(torch.autograd.Function):
         ups = factors[len(downs):]
         if torch.is_autocast_enabled(x.device.type):  # the operands are in their compute dtype already
             with torch.autocast(x.device.type, enabled=False):
-                hs, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
+                h, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
         else:
-            hs, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
-        ctx.save_for_backward(x, down, *weights, *ups, *hs)
+            h, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
+        ctx.save_for_backward(x, down, h, *weights, *ups)
         return outs
 
     @staticmethod
     @once_differentiable  # the in-place accumulates have no derivative of their own
     def backward(ctx, *grad_outs):
         n = len(ctx.ranks)
-        x, down, *rest = ctx.saved_tensors
-        weights, ups, hs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        x, down, h, *rest = ctx.saved_tensors
+        weights, ups = rest[:n], rest[n:]
         need = ctx.needs_input_grad
         need_x = need[0]
         need_w, need_b = need[4::PER_MEMBER], need[5::PER_MEMBER]
         need_down, need_up = any(need[6::PER_MEMBER]), need[7::PER_MEMBER]
         x2 = x.reshape(-1, x.shape[-1])
         gs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
-        grad_hs, grad_ups = [], []
-        for g, up, h, want_up in zip(gs, ups, hs, need_up):  # each from one read of g where the kernel applies
-            grad_h, grad_up = up_side_grads(g, up, h, True, want_up, ctx.kernels, ctx.factor_dtype)
-            grad_hs.append(grad_h)
-            grad_ups.append(grad_up)
-        grad_h = torch.cat(grad_hs, dim=1) if n > 1 else grad_hs[0]
+        grad_h, grad_ups = _up_side_grads(gs, ups, h, ctx.ranks, need_up, ctx.kernels, ctx.factor_dtype)
         grad_down, grad_x = down_side_grads(x2, down, grad_h, need_x, need_down, ctx.kernels, ctx.factor_dtype)
         x_dtype, w_dtypes, b_dtypes = ctx.input_dtypes
         if need_x:  # every member's base term added inside its GEMM: one input gradient leaves the group

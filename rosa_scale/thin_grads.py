@@ -9,7 +9,9 @@ with atomic adds, so their rounding order varies between runs: under
 ``torch.use_deterministic_algorithms(True)`` the GEMMs run instead, as they do on CPU, without Triton, and
 for ranks below 16 (the tensor cores' smallest side). Other ranks are padded to a power of two inside the
 kernels (masked loads), so a group of layers sharing one input (rosa_scale/shared_input.py) runs them at
-the sum of its ranks.
+the sum of its ranks. ``grad_h_and_up`` takes such a group's members in one call: one fill for all their
+sums, each member's ``h_i`` read in place from the group's ``h`` and their ``grad_h`` written side by side,
+left as fp32 sums that ``grad_down_and_x`` rounds as it loads them: no copy, cast or concatenation between.
 """
 from __future__ import annotations
 
@@ -22,34 +24,36 @@ except ImportError:  # CPU-only installs: the GEMMs do the work
     triton = None
 
 _LIBRARY = torch.library.Library("rosa_scale", "FRAGMENT")
-_LIBRARY.define("grad_h_and_up(Tensor g, Tensor up, Tensor h, ScalarType up_dtype) -> (Tensor, Tensor)")
+_LIBRARY.define("grad_h_and_up(Tensor[] gs, Tensor[] ups, Tensor h, ScalarType up_dtype) -> (Tensor, Tensor[])")
 _LIBRARY.define("grad_down_and_x(Tensor x, Tensor down, Tensor grad_h, ScalarType down_dtype) -> (Tensor, Tensor)")
 
 
 def usable(wide: torch.Tensor, factor: torch.Tensor, thin: torch.Tensor) -> bool:
-    """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype, a rank from 16
-    to 128, the wide (tokens x features) operand's rows of unit stride, deterministic
+    """Whether a kernel here computes this pair: CUDA half-precision operands in one dtype (``thin`` may
+    also be fp32), a rank from 16 to 128, rows of unit stride (``factor`` contiguous), deterministic
     algorithms off, and offsets that fit the kernels' 32-bit index arithmetic. ``factor`` is ``up``
     (out x r) or ``down`` (r x in), ``thin`` the tokens x r operand."""
     rank = thin.shape[-1]
     return (triton is not None and wide.is_cuda and wide.dim() == 2 and wide.stride(1) == 1
             and wide.numel() < 2 ** 31 and wide.stride(0) * wide.shape[0] < 2 ** 31
-            and wide.dtype in (torch.bfloat16, torch.float16) and factor.dtype == thin.dtype == wide.dtype
-            and 16 <= rank <= 128 and factor.is_contiguous() and thin.is_contiguous()
+            and wide.dtype in (torch.bfloat16, torch.float16) and factor.dtype == wide.dtype
+            and thin.dtype in (wide.dtype, torch.float32) and thin.dim() == 2 and thin.stride(1) == 1
+            and thin.stride(0) * thin.shape[0] < 2 ** 31
+            and 16 <= rank <= 128 and factor.is_contiguous()
             and not torch.are_deterministic_algorithms_enabled())
 
 
 if triton is not None:
     @triton.jit
-    def _grad_h_and_up_kernel(g, up, h, grad_h, grad_up, tokens, width, g_row_stride,
+    def _grad_h_and_up_kernel(g, up, h, grad_h, grad_up, tokens, width, g_row_stride, h_row_stride, grad_h_row_stride,
                               RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
         """Program (i, j): rows block i of ``g`` against STEPS column blocks from j * STEPS."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         ranks = tl.arange(0, RANK_PAD)
         row_ok, rank_ok = rows < tokens, ranks < RANK
-        h_rows = tl.load(h + rows[:, None] * RANK + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                         other=0.0)
+        h_rows = tl.load(h + rows[:, None] * h_row_stride + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                         other=0.0).to(g.dtype.element_ty)
         grad_h_rows = tl.zeros([BLOCK_T, RANK_PAD], tl.float32)
         for step in range(STEPS):
             cols = (tl.program_id(1) * STEPS + step) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,11 +65,11 @@ if triton is not None:
             grad_h_rows += tl.dot(tile, up_cols)
             tl.atomic_add(grad_up + cols[:, None] * RANK + ranks[None, :], tl.dot(tl.trans(tile), h_rows),
                           mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
-        tl.atomic_add(grad_h + rows[:, None] * RANK + ranks[None, :], grad_h_rows,
+        tl.atomic_add(grad_h + rows[:, None] * grad_h_row_stride + ranks[None, :], grad_h_rows,
                       mask=row_ok[:, None] & rank_ok[None, :], sem="relaxed")
 
     @triton.jit
-    def _grad_down_and_x_kernel(x, down, grad_h, grad_x, grad_down, tokens, width, x_row_stride,
+    def _grad_down_and_x_kernel(x, down, grad_h, grad_x, grad_down, tokens, width, x_row_stride, grad_h_row_stride,
                                 RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr, STEPS: tl.constexpr):
         """Program (i, j): columns block j of ``x`` over STEPS row blocks from i * STEPS."""
@@ -78,8 +82,8 @@ if triton is not None:
         for step in range(STEPS):
             rows = (tl.program_id(0) * STEPS + step) * BLOCK_T + tl.arange(0, BLOCK_T)
             row_ok = rows < tokens
-            grad_h_rows = tl.load(grad_h + rows[:, None] * RANK + ranks[None, :],
-                                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            grad_h_rows = tl.load(grad_h + rows[:, None] * grad_h_row_stride + ranks[None, :],
+                                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype.element_ty)
             tile = tl.load(x + rows[:, None] * x_row_stride + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             grad_down_cols += tl.dot(tl.trans(grad_h_rows), tile)
@@ -89,20 +93,28 @@ if triton is not None:
                       mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
-def _grad_h_and_up(g: torch.Tensor, up: torch.Tensor, h: torch.Tensor, up_dtype: torch.dtype):
-    tokens, width = g.shape
-    rank = up.shape[1]
-    # one fill for both sums; an fp32 grad_up kept as the factor's gradient holds this storage, tokens x r
-    # fp32 numbers more than it needs (twice the bytes of the h saved for the backward): cheaper than a second fill
-    sums = torch.zeros(tokens + width, rank, device=g.device, dtype=torch.float32)
-    grad_h, grad_up = sums[:tokens], sums[tokens:]
-    steps = 8 if width >= 4096 else 4  # measured on an H200 (bench/results/thin-grads-2026-12-01-1gpu.json)
-    padded = triton.next_power_of_2(rank)
-    block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(width, 64 * steps))
-    _grad_h_and_up_kernel[grid](g, up, h, grad_h, grad_up, tokens, width, g.stride(0), rank, padded, block_t, 64, steps,
-                                num_warps=4, num_stages=4 if steps == 8 else 3)
-    return grad_h.to(g.dtype), grad_up.to(up_dtype)
+def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Tensor, up_dtype: torch.dtype):
+    """Each member's pair (``gs[i]``, ``ups[i]``; ``h`` holds every member's ``h_i`` side by side): ``grad_h``
+    side by side in one tokens x sum(r) fp32 tensor, and each ``grad_up``."""
+    tokens, ranks = h.shape[0], [up.shape[1] for up in ups]
+    # one fill for every sum; an fp32 grad_up kept as the factor's gradient holds this storage, tokens x r
+    # fp32 numbers more than it needs (twice the bytes of the h saved for the backward): cheaper than more fills
+    sums = torch.zeros(tokens * sum(ranks) + sum(up.numel() for up in ups), device=h.device, dtype=torch.float32)
+    grad_h = sums[:tokens * sum(ranks)].view(tokens, sum(ranks))
+    grad_ups, start, column = [], tokens * sum(ranks), 0
+    for g, up, rank in zip(gs, ups, ranks):
+        width = g.shape[1]
+        grad_up = sums[start:start + width * rank].view(width, rank)
+        steps = 8 if width >= 4096 else 4  # measured on an H200 (bench/results/thin-grads-2026-12-01-1gpu.json)
+        padded = triton.next_power_of_2(rank)
+        block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
+        grid = (triton.cdiv(tokens, block_t), triton.cdiv(width, 64 * steps))
+        _grad_h_and_up_kernel[grid](g, up, h[:, column:column + rank], grad_h[:, column:column + rank], grad_up,
+                                    tokens, width, g.stride(0), h.stride(0), grad_h.stride(0), rank, padded,
+                                    block_t, 64, steps, num_warps=4, num_stages=4 if steps == 8 else 3)
+        grad_ups.append(grad_up.to(up_dtype))
+        start, column = start + width * rank, column + rank
+    return grad_h, grad_ups  # grad_h as summed (fp32): grad_down_and_x rounds it as it loads it
 
 
 def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, down_dtype: torch.dtype):
@@ -113,8 +125,8 @@ def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, 
     padded = triton.next_power_of_2(rank)
     block_d = 128 if padded <= 64 else 64  # the fp32 sums of a column block stay in registers
     grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, block_d))  # thin-grads-2026-12-01-1gpu-more.json
-    _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), rank, padded, 64,
-                                  block_d, 8,
+    _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), grad_h.stride(0),
+                                  rank, padded, 64, block_d, 8,
                                   num_warps=4, num_stages=3)
     return grad_down.to(down_dtype), grad_x
 
@@ -124,8 +136,8 @@ _LIBRARY.impl("grad_down_and_x", _grad_down_and_x, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("rosa_scale::grad_h_and_up", lib=_LIBRARY)
-def _grad_h_and_up_fake(g, up, h, up_dtype):
-    return g.new_empty(g.shape[0], up.shape[1]), up.new_empty(up.shape, dtype=up_dtype)
+def _grad_h_and_up_fake(gs, ups, h, up_dtype):
+    return h.new_empty(h.shape, dtype=torch.float32), [up.new_empty(up.shape, dtype=up_dtype) for up in ups]
 
 
 @torch.library.register_fake("rosa_scale::grad_down_and_x", lib=_LIBRARY)
