@@ -7,6 +7,8 @@ Whole steps of separate processes move 1-2% between runs (fsdp2_bench), more tha
 the adapter's step are worth. Here every mode is a one-layer model of the same shape and seed, built and
 compiled side by side, timed in alternating rounds (the order reversed every other round) so drift falls
 on all of them alike; the result is each mode's median step and its paired difference from ``rosa``.
+Each step applies the layer ``--depth`` times (as a model's consecutive layers), so the host issues work
+ahead of the GPU as in a whole step; each mode's host milliseconds per step are reported beside its time.
 ROSA layers hold fp32 factors beside the bf16 base and compute in bf16 (``compute_dtype``, as FSDP2's
 mixed precision sets it). ``--profile N`` adds each mode's kernels by name (``step_profile.py``).
 """
@@ -28,6 +30,10 @@ MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_unfused")
 
 def extra_args(p) -> None:
     p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds of --steps steps per mode")
+    p.add_argument("--depth", type=int, default=4,
+                   help="the layer applied this many times per step, as consecutive layers of a model are: "
+                        "the step's fixed host work (starting the backward, dropping gradients) is then shared "
+                        "as it is in a whole model, so the GPU, not the host, sets the time")
 
 
 def build_layer(args, dev: torch.device, mode: str):
@@ -52,37 +58,43 @@ def build_layer(args, dev: torch.device, mode: str):
     return model
 
 
-def step_fn(model, hidden: torch.Tensor, grad: torch.Tensor):
-    """One forward and backward of the model's decoder layer on ``hidden`` (the layer's input gets a gradient,
-    as inside a model); factor gradients dropped after each step."""
+def step_fn(model, hidden: torch.Tensor, grad: torch.Tensor, depth: int = 1):
+    """One forward and backward of the model's decoder layer applied ``depth`` times on ``hidden`` (the
+    layer's input gets a gradient, as inside a model); factor gradients dropped after each step."""
     layer = model.model.layers[0]
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     embeddings = model.model.rotary_emb(hidden, positions)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        x = hidden.detach().requires_grad_()
-        out = layer(x, position_embeddings=embeddings, position_ids=positions)
-        (out[0] if isinstance(out, tuple) else out).backward(grad)
+        out = hidden.detach().requires_grad_()
+        for _ in range(depth):
+            out = layer(out, position_embeddings=embeddings, position_ids=positions)
+            out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad)
         for p in params:
             p.grad = None
     return step
 
 
-def timed_ms(step, steps: int, dev: torch.device) -> float:
-    """Milliseconds per step over ``steps`` steps (CUDA events on GPUs)."""
+def timed_ms(step, steps: int, dev: torch.device) -> tuple[float, float]:
+    """Milliseconds per step over ``steps`` steps (CUDA events on GPUs), and the host's milliseconds per step
+    to issue them: near the first, the host is the limit and GPU-side changes do not show."""
     if dev.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        begin = time.perf_counter()
         for _ in range(steps):
             step()
+        host = (time.perf_counter() - begin) * 1e3 / steps
         end.record()
         torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / steps
+        return start.elapsed_time(end) / steps, host
     begin = time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - begin) * 1e3 / steps
+    host = (time.perf_counter() - begin) * 1e3 / steps
+    return host, host
 
 
 def main(argv=None) -> dict:
@@ -96,20 +108,26 @@ def main(argv=None) -> dict:
     shape = (args.batch, args.seq, args.hidden)
     hidden = torch.randn(shape, generator=generator).to(dev, dtype)
     grad = torch.randn(shape, generator=generator).to(dev, dtype)
-    steps = {mode: step_fn(model, hidden, grad) for mode, model in models.items()}
+    if args.depth < 1:
+        raise SystemExit(f"layer_bench: --depth {args.depth}: must be at least 1")
+    steps = {mode: step_fn(model, hidden, grad, args.depth) for mode, model in models.items()}
     for step in steps.values():  # compilation and autotuning out of the timings
         for _ in range(args.warmup):
             step()
-    times = {mode: [] for mode in steps}
+    times, host = {mode: [] for mode in steps}, {mode: [] for mode in steps}
     for r in range(args.rounds):
         for mode in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-            times[mode].append(timed_ms(steps[mode], args.steps, dev))
+            ms, host_ms = timed_ms(steps[mode], args.steps, dev)
+            times[mode].append(ms)
+            host[mode].append(host_ms)
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": {k: getattr(args, k) for k in ("hidden", "intermediate", "heads", "kv_heads", "seq", "batch",
                                                        "rank")},
-              "compile": args.compile, "checkpointing": args.checkpointing, "rounds": args.rounds, "steps": args.steps}
+              "compile": args.compile, "checkpointing": args.checkpointing, "rounds": args.rounds, "steps": args.steps,
+              "depth": args.depth}
     for mode, values in times.items():
         result[f"{mode}_ms"], result[f"{mode}_ms_rounds"] = statistics.median(values), values
+        result[f"{mode}_host_ms"] = statistics.median(host[mode])
         if mode != "rosa" and "rosa" in times:  # paired within each round: drift cancels
             result[f"{mode}_minus_rosa_ms"] = statistics.median(a - b for a, b in zip(values, times["rosa"]))
         if mode != "frozen" and "frozen" in times:
@@ -121,7 +139,10 @@ def main(argv=None) -> dict:
             out, _ = profile_steps(step, args.profile, by_name=True)
             result[f"{mode}_profile"] = out
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("[layer_bench] " + ", ".join(f"{m} {result[f'{m}_ms']:.3f} ms" for m in times), flush=True)
+    print("[layer_bench] " + ", ".join(f"{m} {result[f'{m}_ms']:.3f} ms (host {result[f'{m}_host_ms']:.3f})"
+                                       for m in times), flush=True)
+    if dev.type == "cuda" and any(result[f"{m}_host_ms"] > 0.9 * result[f"{m}_ms"] for m in times):
+        print("[layer_bench] the host issued steps nearly as slowly as the GPU ran them: raise --depth", flush=True)
     return result
 
 

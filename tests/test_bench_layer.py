@@ -14,10 +14,11 @@ def test_every_mode_is_timed_in_each_round_and_paired_with_rosa(tmp_path, extra)
 
     out = tmp_path / "layer.json"
     result = layer_bench.main(["--device", "cpu", "--tiny", "--modes", "frozen,rosa,rosa_ungrouped",
-                               "--rounds", "3", "--steps", "1", "--warmup", "1", "--out", str(out), *extra])
-    assert json.loads(out.read_text()) == result and result["checkpointing"] == bool(extra)
+                               "--rounds", "3", "--steps", "1", "--warmup", "1", "--depth", "2", "--out", str(out),
+                               *extra])
+    assert json.loads(out.read_text()) == result and result["checkpointing"] == bool(extra) and result["depth"] == 2
     for mode in ("frozen", "rosa", "rosa_ungrouped"):
-        assert len(result[f"{mode}_ms_rounds"]) == 3 and result[f"{mode}_ms"] > 0
+        assert len(result[f"{mode}_ms_rounds"]) == 3 and result[f"{mode}_ms"] > 0 and result[f"{mode}_host_ms"] > 0
     assert "rosa_minus_rosa_ms" not in result and "frozen_over_frozen" not in result
     assert result["frozen_over_rosa"] == pytest.approx(result["frozen_ms"] / result["rosa_ms"])
     if extra:
