@@ -552,6 +552,9 @@ def run_with_resamples(model, opt, args, dev: torch.device) -> dict:
 
 
 def free_memory(dev: torch.device) -> None:
+    """Between modes: the last mode's memory back, and its compiled code dropped (every decoder layer shares
+    one code object, whose cache holds 8 versions: modes run after others would otherwise run uncompiled)."""
+    torch._dynamo.reset()
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -1,14 +1,14 @@
-"""One decoder layer's forward and backward: the frozen base vs ROSA variants, paired in one process.
+"""Decoder layers' forward and backward: the frozen base vs ROSA variants, paired in one process.
 
     python3 bench/layer_bench.py --compile --out FILE.json                       # GPU, Llama-3-8B shape
     python3 bench/layer_bench.py --device cpu --tiny --rounds 2 --steps 2 --out f.json
 
 Whole steps of separate processes move 1-2% between runs (fsdp2_bench), more than most single changes to
-the adapter's step are worth. Here every mode is a one-layer model of the same shape and seed, built and
+the adapter's step are worth. Here every mode is a model of a few layers of the same shape and seed, built and
 compiled side by side, timed in alternating rounds (the order reversed every other round) so drift falls
 on all of them alike; the result is each mode's median step and its paired difference from ``rosa``.
-Each step applies the layer ``--depth`` times (as a model's consecutive layers), so the host issues work
-ahead of the GPU as in a whole step; each mode's host milliseconds per step are reported beside its time.
+Each model has ``--depth`` decoder layers run in turn, so the host issues work ahead of the GPU as in a
+whole step; each mode's host milliseconds per step are reported beside its time.
 ROSA layers hold fp32 factors beside the bf16 base and compute in bf16 (``compute_dtype``, as FSDP2's
 mixed precision sets it). ``--profile N`` adds each mode's kernels by name (``step_profile.py``).
 """
@@ -31,18 +31,18 @@ MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_unfused")
 def extra_args(p) -> None:
     p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds of --steps steps per mode")
     p.add_argument("--depth", type=int, default=4,
-                   help="the layer applied this many times per step, as consecutive layers of a model are: "
-                        "the step's fixed host work (starting the backward, dropping gradients) is then shared "
-                        "as it is in a whole model, so the GPU, not the host, sets the time")
+                   help="decoder layers per model, run one after another in each step: the step's fixed host "
+                        "work (starting the backward, dropping gradients) is then shared as in a whole model, "
+                        "so the GPU, not the host, sets the time")
 
 
-def build_layer(args, dev: torch.device, mode: str):
-    """A one-layer model for ``mode``; returns (its decoder layer, rotary embeddings for the input)."""
+def build_layers(args, dev: torch.device, mode: str):
+    """A model of ``--depth`` decoder layers for ``mode``."""
     from fsdp2_bench import build_model, prepare_layers
     from rosa_scale import RosaConfig, apply_rosa, rosa_layers
 
     layers = args.layers
-    args.layers = 1
+    args.layers = args.depth
     model = build_model(args, dev)
     args.layers = layers
     if mode == "frozen":
@@ -58,17 +58,17 @@ def build_layer(args, dev: torch.device, mode: str):
     return model
 
 
-def step_fn(model, hidden: torch.Tensor, grad: torch.Tensor, depth: int = 1):
-    """One forward and backward of the model's decoder layer applied ``depth`` times on ``hidden`` (the
-    layer's input gets a gradient, as inside a model); factor gradients dropped after each step."""
-    layer = model.model.layers[0]
+def step_fn(model, hidden: torch.Tensor, grad: torch.Tensor):
+    """One forward and backward of the model's decoder layers in turn on ``hidden`` (the first layer's
+    input gets a gradient, as inside a model); factor gradients dropped after each step."""
+    layers = list(model.model.layers)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     embeddings = model.model.rotary_emb(hidden, positions)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
         out = hidden.detach().requires_grad_()
-        for _ in range(depth):
+        for layer in layers:
             out = layer(out, position_embeddings=embeddings, position_ids=positions)
             out = out[0] if isinstance(out, tuple) else out
         out.backward(grad)
@@ -101,16 +101,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv, modes=MODES, methods="", description=__doc__.splitlines()[0], extra=extra_args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("layer_bench: no CUDA device (use --device cpu)")
+    if args.depth < 1:
+        raise SystemExit(f"layer_bench: --depth {args.depth}: must be at least 1")
     dev = torch.device(args.device)
-    models = {mode: build_layer(args, dev, mode) for mode in args.modes}
+    # every mode's layers share one code object, compiled side by side: room for each mode's versions
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.modes))
+    models = {mode: build_layers(args, dev, mode) for mode in args.modes}
     dtype = next(iter(models.values())).dtype
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.seq, args.hidden)
     hidden = torch.randn(shape, generator=generator).to(dev, dtype)
     grad = torch.randn(shape, generator=generator).to(dev, dtype)
-    if args.depth < 1:
-        raise SystemExit(f"layer_bench: --depth {args.depth}: must be at least 1")
-    steps = {mode: step_fn(model, hidden, grad, args.depth) for mode, model in models.items()}
+    steps = {mode: step_fn(model, hidden, grad) for mode, model in models.items()}
     for step in steps.values():  # compilation and autotuning out of the timings
         for _ in range(args.warmup):
             step()
