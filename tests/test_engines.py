@@ -50,10 +50,12 @@ def test_world_size_and_engine_independence(runs, engine):
 
     Tolerance: the runs differ only in fp32 reduction order (gradient averaging across ranks,
     sharded matmuls), which Adam amplifies over 9 steps and 3 resamples: measured ~2e-6 on one
-    CPU and 2.9e-5 (ZeRO-3) / 1.4e-5 (FSDP2) on another, whose matmul kernels sum differently.
+    CPU and 2.9e-5 (ZeRO-3) / 1.4e-5 (FSDP2) on another, whose matmul kernels sum differently; the
+    losses then moved by up to 1.5e-6 of themselves (ZeRO-3, step 8). A wrong average or a lost update
+    moves them by 1e-3 and more.
     """
     local, other = runs["local"], runs[engine]
-    assert other["losses"] == pytest.approx(local["losses"], rel=1e-6)
+    assert other["losses"] == pytest.approx(local["losses"], rel=1e-5)
     assert local["merged"].keys() == other["merged"].keys()
     for name, value in local["merged"].items():
         torch.testing.assert_close(other["merged"][name], value, rtol=0, atol=1e-4, msg=name)
