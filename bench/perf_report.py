@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_compiled": 1.1,
@@ -127,7 +128,11 @@ def summarize(prefix: str) -> dict:
 
 
 def plot(prefix: str, flat: dict) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the keys are written already; the pictures need the bench extra
+        print("perf_report: plots skipped: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
