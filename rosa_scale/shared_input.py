@@ -142,8 +142,11 @@ class SharedInputGroup:
         out = self._outs[layer.shared_index]
         self._left -= 1
         self._taken |= 1 << layer.shared_index
-        if self._left == 0:  # every member has its own: hold nothing past the layer's forward
+        if self._left == 0:  # every member has its own: hold nothing past the layer's forward, and start the
+            # next forward from the very state this one started from (a compiled layer guards on it: any
+            # other state would compile the layer again, and each decoder layer shares one cache of 8)
             self._x = self._outs = None
+            self._taken = 0
         return out
 
     def _all_fused(self, x: torch.Tensor, dtype: torch.dtype) -> bool:

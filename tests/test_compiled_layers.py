@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample
+from rosa_scale import RosaConfig, adapter_parameters, apply_rosa, resample, rosa_layers
 from rosa_scale.compiled_layers import compile_decoder_layers, decoder_layers
 from rosa_scale.config import ConfigError, TrainConfig
 from tests.tiny import tiny_llama
@@ -53,3 +53,23 @@ def test_compile_true_where_it_cannot_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="config key 'compile' is true but Triton is not installed"):
         compiled.compile_decoder_layers(tiny_llama(), torch.device("cuda"))
     assert TrainConfig().compile == "auto"
+
+
+def test_steps_evaluations_and_resamples_compile_nothing_new_after_the_first_round():
+    """Every decoder layer shares one code object, whose compiled versions dynamo caches 8 of: a layer
+    whose state differs from one forward to the next (a shared-input group's bookkeeping, say) compiles
+    again each time, and past 8 versions the layers silently run uncompiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = apply_rosa(tiny_llama(), RosaConfig(rank=4))
+    assert any(layer.shared_input is not None for layer in rosa_layers(model).values())
+    compile_decoder_layers(model, torch.device("cpu"))
+    graphs = []
+    for _ in range(3):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        with torch.no_grad():
+            model(input_ids=IDS, labels=IDS, use_cache=False)
+        resample(model)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2, graphs
