@@ -123,7 +123,7 @@ def multi_rank_runs(tmp_path_factory):
                 "--master_port", str(port), "-m", "tests.ds_checkpoint_worker", "--out", str(outs[-1])]
 
     proc = run_ranks(command, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     out = outs[-1]
     return {kind: {"root": out / kind, **torch.load(out / kind / "reference.pt")} for kind in ("fsdp2", "zero3")}
 

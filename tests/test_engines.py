@@ -13,6 +13,7 @@ import torch
 
 from rosa_scale.engines.plan import factorization_cost, plan_loads, plan_owners
 from tests.rank_runs import run_ranks
+from tests.proc_failure import stderr_report
 
 
 def _run(out, mode, nproc=None, extra=()):
@@ -26,7 +27,7 @@ def _run(out, mode, nproc=None, extra=()):
         return cmd
 
     proc = run_ranks(command, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     return torch.load(out, weights_only=False)
 
 

@@ -26,6 +26,7 @@ from rosa_scale.safe_load import (DEEPSPEED_GLOBALS, CorruptCheckpointError, Uns
 from tests.rank_runs import run_ranks
 from tests.safe_load_worker import Payload
 from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.proc_failure import stderr_report
 
 ERROR = "rosa-consolidate: error:"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
@@ -62,7 +63,7 @@ def two_ranks(tmp_path_factory):
                 "--master_port", str(port), "-m", "tests.safe_load_worker", "--out", str(outs[-1])]
 
     proc = run_ranks(command, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     out = outs[-1]
     return {"fsdp2": out / "fsdp2", "zero3": out / "zero3", "out": out,
             "ranks": [json.loads((out / f"results-rank{r}.json").read_text()) for r in range(2)]}

@@ -11,6 +11,7 @@ import torch
 
 from rosa_scale.factorize import merge, split
 from tests.ports import free_port
+from tests.proc_failure import stderr_report
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _worker(tmp_path, mode, nproc):
     if nproc:
         cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     return torch.load(out, weights_only=False)
 
 
@@ -71,7 +72,7 @@ def test_rosa_train_with_accelerate_fsdp2_plugin(tmp_path):
            str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed_type"] == "FSDP" and summary["engine"] == "fsdp2"
     assert summary["num_processes"] == summary["world_size"] == 2
@@ -85,7 +86,7 @@ def test_rosa_train_one_gpu_bf16(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, stderr_report(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == "local" and summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
 
@@ -104,7 +105,7 @@ def test_rosa_train_with_accelerate_zero3_and_resume(tmp_path):
                "--main_process_port", str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out),
                "--mixed-precision", "bf16", "--save-every", "10", "--keep-last", "null", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, stderr_report(proc)
         return json.loads((out / "summary.json").read_text())
 
     straight = launch(tmp_path / "straight")
@@ -156,7 +157,7 @@ def test_rosa_train_fsdp2_over_an_nf4_base_matches_one_gpu(tmp_path):
     for name, cmd in runs.items():
         cmd[cmd.index("--output-dir") + 1] = str(tmp_path / name)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, stderr_report(proc)
     one, fsdp = (json.loads((tmp_path / n / "summary.json").read_text()) for n in runs)
     assert fsdp["engine"] == "fsdp2" and fsdp["world_size"] == 2
     assert fsdp["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=1e-3)
@@ -196,7 +197,7 @@ def test_loss_chunks_under_zero3_with_a_partitioned_head(tmp_path):
                "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "rosa_scale.train",
                *args, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, stderr_report(proc)
         assert json.loads((out / "summary.json").read_text())["engine"] == "zero3"
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in line]
@@ -219,7 +220,7 @@ def test_rosa_train_compiles_its_layers_by_default_and_trains_the_same(tmp_path,
             extra = [*extra, "--fsdp", "true", "--batch-size", "2"]
         cmd = [*start, *_train_args(tmp_path, out), "--mixed-precision", "bf16", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, stderr_report(proc)
         summaries[name] = json.loads((out / "summary.json").read_text())
         losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in line]
@@ -240,7 +241,7 @@ def test_replicated_factors_train_what_sharded_factors_do_on_two_gpus(tmp_path):
                str(free_port()), "-m", "rosa_scale.train", *_train_args(tmp_path, out), "--mixed-precision", "bf16",
                "--fsdp", "true", "--batch-size", "2", "--fsdp-factors", factors]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, stderr_report(proc)
         summaries[factors] = json.loads((out / "summary.json").read_text())
         losses[factors] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                            if '"loss"' in line]
