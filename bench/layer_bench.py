@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_bench import TARGETS, parse_args  # noqa: E402  (also puts the repository on the path)
+from rosa_scale.builtin._cache import atomic_open  # noqa: E402
 
 MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_unfused")
 
@@ -140,7 +141,8 @@ def main(argv=None) -> dict:
         for mode, step in steps.items():
             out, _ = profile_steps(step, args.profile, by_name=True)
             result[f"{mode}_profile"] = out
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    with atomic_open(args.out) as f:  # a killed run leaves the last whole file, never half of one
+        f.write(json.dumps(result, indent=1))
     print("[layer_bench] " + ", ".join(f"{m} {result[f'{m}_ms']:.3f} ms (host {result[f'{m}_host_ms']:.3f})"
                                        for m in times), flush=True)
     if dev.type == "cuda" and any(result[f"{m}_host_ms"] > 0.9 * result[f"{m}_ms"] for m in times):

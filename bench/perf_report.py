@@ -177,7 +177,9 @@ def main() -> None:
     flat = summarize(args.prefix)
     if not flat:
         raise SystemExit(f"perf_report: no fsdp2_bench results at {args.prefix}-*.json")
-    Path(f"{args.prefix}.json").write_text(json.dumps(flat, indent=1) + "\n")
+    out, tmp = Path(f"{args.prefix}.json"), Path(f"{args.prefix}.json.tmp")  # a kill leaves no half file
+    tmp.write_text(json.dumps(flat, indent=1) + "\n")
+    tmp.replace(out)
     plot(args.prefix, flat)
     print(json.dumps(flat, indent=1))
 
