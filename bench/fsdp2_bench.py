@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # rosa_scale without an install
 from rosa_scale.cli import Parser  # noqa: E402  (bad arguments: one error line)
 
-MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_gemms", "rosa_replicated", "rosa_sharded")
+MODES = ("frozen", "peft_lora", "rosa", "rosa_unfused", "rosa_gemms", "rosa_forward_gemms", "rosa_replicated",
+         "rosa_sharded")
 # rosa-train's own path without fsdp (one process, or DDP's replicas without their all-reduce): not in the defaults
 LOCAL_MODES = ("frozen_local", "rosa_local", "rosa_local_unfused")
 # asked for by name too: ROSA without RosaConfig.shared_inputs (each of q, k, v, gate, up reading its input alone)
@@ -367,10 +368,11 @@ def rosa_config(args, fused: bool, shared: bool):
 
 
 def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto", kernels: bool = True,
-               shared: bool = True) -> tuple:
+               shared: bool = True, forward_kernels: bool = True) -> tuple:
     """ROSA on the seven projections through the rosa_scale API: wrap, shard, first split, rosa-train's
     AdamW. ``fused=False``: each layer's base and factors as separate operations (mode rosa_unfused);
-    ``kernels=False``: the fused backward in cuBLAS GEMMs only, no rosa_scale/thin_grads.py (mode rosa_gemms);
+    ``kernels=False``: the fused node in cuBLAS GEMMs only, no rosa_scale/thin_forward.py or thin_grads.py (mode
+    rosa_gemms); ``forward_kernels=False``: the forward's output terms as GEMMs (mode rosa_forward_gemms);
     ``shared=False``: no layers sharing their input's products (mode rosa_ungrouped);
     ``factors``: rosa-train's ``fsdp_factors`` (auto, as rosa-train decides it; modes rosa_replicated and
     rosa_sharded force one)."""
@@ -383,7 +385,7 @@ def setup_rosa(args, dev: torch.device, fused: bool = True, factors: str = "auto
     model = build_model(args, dev)
     apply_rosa(model, rosa_config(args, fused, shared), split=False)
     for layer in rosa_layers(model).values():
-        layer.backward_kernels = kernels
+        layer.forward_kernels, layer.backward_kernels = kernels and forward_kernels, kernels
     policy = mp_policy(dev)
     prepare_layers(model, args, dev)
     numbers = sum(p.numel() for p in adapter_parameters(model))
@@ -468,6 +470,7 @@ def run_mode(mode: str, args, dev: torch.device, result: dict) -> None:
     setup = {"frozen": setup_frozen, "peft_lora": setup_peft_lora, "rosa": setup_rosa,
              "rosa_unfused": lambda a, d: setup_rosa(a, d, fused=False),
              "rosa_gemms": lambda a, d: setup_rosa(a, d, kernels=False),
+             "rosa_forward_gemms": lambda a, d: setup_rosa(a, d, forward_kernels=False),
              "rosa_replicated": lambda a, d: setup_rosa(a, d, factors="replicated"),
              "rosa_sharded": lambda a, d: setup_rosa(a, d, factors="sharded"),
              "frozen_local": setup_frozen_local, "rosa_local": setup_rosa_local,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_bench import TARGETS, parse_args  # noqa: E402  (also puts the repository on the path)
 from rosa_scale.builtin._cache import atomic_open  # noqa: E402
 
-MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_unfused")
+MODES = ("frozen", "rosa", "rosa_ungrouped", "rosa_gemms", "rosa_forward_gemms", "rosa_unfused")
 
 
 def extra_args(p) -> None:
@@ -55,6 +55,7 @@ def build_layers(args, dev: torch.device, mode: str):
         for layer in rosa_layers(model).values():
             layer.compute_dtype = model.dtype
             layer.backward_kernels = mode != "rosa_gemms"
+            layer.forward_kernels = mode not in ("rosa_gemms", "rosa_forward_gemms")
     prepare_layers(model, args, dev)  # checkpointing, then compilation, as rosa-train does
     return model
 

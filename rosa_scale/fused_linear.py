@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from . import thin_grads
+from . import thin_forward, thin_grads
 
 
 # ``acc += a @ b`` in place: a GEMM whose epilogue reads the accumulator. An op the compiler cannot see into,
@@ -45,11 +45,12 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return (a @ b).to(dtype)
 
 
-def _forward_products(x, weight, bias, down, up, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x down^T`` and ``out = h up^T + bias``, then ``out += x W^T`` inside the base GEMM."""
+def _forward_products(x, weight, bias, down, up, transposed: bool, kernels: bool) -> tuple[torch.Tensor, ...]:
+    """``h = x down^T`` and ``out = h up^T + bias`` (thin_forward's kernel where ``kernels`` and it applies),
+    then ``out += x W^T`` inside the base GEMM."""
     x2 = x.reshape(-1, x.shape[-1])
     h = x2 @ down.t()
-    out = h @ up.t() if bias is None else torch.addmm(bias, h, up.t())
+    (out,) = thin_forward.adapter_terms(h, [up], [bias], kernels)
     accumulate_mm(out, x2, weight if transposed else weight.t())
     return h, out
 
@@ -86,21 +87,21 @@ class FusedRosaLinear(torch.autograd.Function):
     computed in ``dtype``: the inputs' own, or autocast's (each input cast as autocast's ``linear`` casts it).
 
     Gradients come back in each input's dtype; the factors' (fp32 beside a bf16 compute) straight from the
-    GEMMs' fp32 accumulators. ``kernels``: the backward may use rosa_scale/thin_grads.py's kernels where
-    they apply (False: GEMMs only)."""
+    GEMMs' fp32 accumulators. ``kernels``: (forward, backward), whether each may use rosa_scale's Triton
+    kernels (thin_forward.py, thin_grads.py) where they apply (False: GEMMs only)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool, dtype: torch.dtype):
-        ctx.factor_dtype, ctx.kernels, ctx.transposed = down.dtype, kernels, transposed
+        ctx.factor_dtype, ctx.kernels, ctx.transposed = down.dtype, kernels[1], transposed
         ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         x, weight = x.to(dtype), weight.to(dtype)  # no copies unless autocast asks for them
         bias = None if bias is None else bias.to(dtype)
         down, up = cast_factors(dtype, down, up)
         if torch.is_autocast_enabled(x.device.type):  # the operands are in autocast's dtype already
             with torch.autocast(x.device.type, enabled=False):
-                h, out = _forward_products(x, weight, bias, down, up, transposed)
+                h, out = _forward_products(x, weight, bias, down, up, transposed, kernels[0])
         else:
-            h, out = _forward_products(x, weight, bias, down, up, transposed)
+            h, out = _forward_products(x, weight, bias, down, up, transposed, kernels[0])
         ctx.save_for_backward(x, weight, down, up, h)
         ctx.bias_shape = None if bias is None else bias.shape
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -66,6 +66,7 @@ class RosaLinear(nn.Module):
         self.transposed = not isinstance(base, nn.Linear)
         self.fused = type(base) in LINEAR_TYPES  # see rosa_scale/fused_linear.py; False: separate operations
         self.backward_kernels = True  # the fused node's backward uses rosa_scale/thin_grads.py where it can
+        self.forward_kernels = True  # and its forward rosa_scale/thin_forward.py
         self.compute_dtype = None  # factors kept whole beside a sharded base: cast to its compute dtype
         self.shared_input = None  # siblings called on the same input (rosa_scale/shared_input.py)
         self.shared_index = 0
@@ -121,7 +122,7 @@ class RosaLinear(nn.Module):
             if out is not None:  # computed with its siblings, from one pass over the same input
                 return out
             return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
-                                         self.up, self.transposed, self.backward_kernels, dtype)
+                                         self.up, self.transposed, (self.forward_kernels, self.backward_kernels), dtype)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)

@@ -24,21 +24,20 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from . import thin_grads
+from . import thin_forward, thin_grads
 from .fused_linear import accumulate_mm, cast_factors, down_side_grads, fused_dtype, up_side_grads
 
 PER_MEMBER = 4  # weight, bias (or None), down, up
 
 
-def _forward_products(x, down, weights, biases, ups, ranks, transposed) -> tuple[torch.Tensor, tuple]:
+def _forward_products(x, down, weights, biases, ups, transposed, kernels: bool) -> tuple[torch.Tensor, tuple]:
     """``h`` (every member's ``h_i`` side by side, one GEMM) and each member's output: ``h_i up_i^T + b_i``
-    (``h_i`` read in place, a column slice), then ``+= x W_i^T`` inside the base GEMM."""
+    (``h_i`` read in place, a column slice; the group's in one launch of thin_forward's kernel where
+    ``kernels`` and it applies), then ``+= x W_i^T`` inside the base GEMM."""
     x2 = x.reshape(-1, x.shape[-1])
     h = x2 @ down.t()
-    hs = h.split(ranks, dim=1)
     outs = []
-    for w, b, up, h_i, t in zip(weights, biases, ups, hs, transposed):
-        out = h_i @ up.t() if b is None else torch.addmm(b, h_i, up.t())
+    for w, out, t in zip(weights, thin_forward.adapter_terms(h, list(ups), list(biases), kernels), transposed):
         accumulate_mm(out, x2, w if t else w.t())
         outs.append(out.view(*x.shape[:-1], out.shape[-1]))
     return h, tuple(outs)
@@ -58,13 +57,14 @@ def _up_side_grads(gs, ups, h, ranks, need_up, kernels: bool, factor_dtype) -> t
 
 class SharedInputLinears(torch.autograd.Function):
     """``x W_i^T + b_i + (x down_i^T) up_i^T`` for each member i, computed in ``dtype``; ``transposed[i]``:
-    W_i stored (in, out). ``tensors``: weight, bias, down, up of each member in turn."""
+    W_i stored (in, out); ``kernels``: (forward, backward) may use rosa_scale's Triton kernels.
+    ``tensors``: weight, bias, down, up of each member in turn."""
 
     @staticmethod
-    def forward(ctx, x, dtype: torch.dtype, kernels: bool, transposed: tuple, *tensors):
+    def forward(ctx, x, dtype: torch.dtype, kernels: tuple, transposed: tuple, *tensors):
         weights, biases = tensors[0::PER_MEMBER], tensors[1::PER_MEMBER]
         downs, ups = tensors[2::PER_MEMBER], tensors[3::PER_MEMBER]
-        ctx.ranks, ctx.kernels, ctx.transposed = [d.shape[0] for d in downs], kernels, transposed
+        ctx.ranks, ctx.kernels, ctx.transposed = [d.shape[0] for d in downs], kernels[1], transposed
         ctx.factor_dtype = downs[0].dtype
         ctx.input_dtypes = (x.dtype, [w.dtype for w in weights], [None if b is None else b.dtype for b in biases])
         ctx.bias_shapes = [None if b is None else b.shape for b in biases]
@@ -76,9 +76,9 @@ class SharedInputLinears(torch.autograd.Function):
         ups = factors[len(downs):]
         if torch.is_autocast_enabled(x.device.type):  # the operands are in their compute dtype already
             with torch.autocast(x.device.type, enabled=False):
-                h, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
+                h, outs = _forward_products(x, down, weights, biases, ups, transposed, kernels[0])
         else:
-            h, outs = _forward_products(x, down, weights, biases, ups, ctx.ranks, transposed)
+            h, outs = _forward_products(x, down, weights, biases, ups, transposed, kernels[0])
         ctx.save_for_backward(x, down, h, *weights, *ups)
         return outs
 
@@ -136,7 +136,8 @@ class SharedInputGroup:
             if not self._all_fused(x, dtype):
                 return None
             tensors = [t for m in self.members for t in (m.base.weight, getattr(m.base, "bias", None), m.down, m.up)]
-            self._outs = SharedInputLinears.apply(x, dtype, all(m.backward_kernels for m in self.members),
+            kernels = (all(m.forward_kernels for m in self.members), all(m.backward_kernels for m in self.members))
+            self._outs = SharedInputLinears.apply(x, dtype, kernels,
                                                   tuple(m.transposed for m in self.members), *tensors)
             self._x, self._left, self._taken = x, len(self.members), 0
         out = self._outs[layer.shared_index]

@@ -11,11 +11,15 @@ for ranks below 16 (the tensor cores' smallest side). Other ranks are padded to 
 kernels (masked loads), so a group of layers sharing one input (rosa_scale/shared_input.py) runs them at
 the sum of its ranks. ``grad_h_and_up`` takes such a group's members in one call: one fill for all their
 sums, each member's ``h_i`` read in place from the group's ``h`` and their ``grad_h`` written side by side,
-left as fp32 sums that ``grad_down_and_x`` rounds as it loads them: no copy, cast or concatenation between.
+left as fp32 sums that ``grad_down_and_x`` rounds as it loads them: no copy, cast or concatenation between;
+members of one rank share a launch (q, k and v: 22.9 against 28.8 us a launch each at 8B's shapes,
+bench/results/fwd-micro-2026-12-02b-1gpu.json).
 """
 from __future__ import annotations
 
 import torch
+
+from .thin_forward import MEMBERS_PER_LAUNCH, runs
 
 try:
     import triton
@@ -45,18 +49,29 @@ def usable(wide: torch.Tensor, factor: torch.Tensor, thin: torch.Tensor) -> bool
 
 if triton is not None:
     @triton.jit
-    def _grad_h_and_up_kernel(g, up, h, grad_h, grad_up, tokens, width, g_row_stride, h_row_stride, grad_h_row_stride,
-                              RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
-        """Program (i, j): rows block i of ``g`` against STEPS column blocks from j * STEPS."""
+    def _grad_h_and_up_kernel(g0, g1, g2, up0, up1, up2, grad_up0, grad_up1, grad_up2, width0, width1, width2,
+                              g_row_stride0, g_row_stride1, g_row_stride2, blocks0, blocks01, h, grad_h, tokens,
+                              h_row_stride, grad_h_row_stride, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr):
+        """Program (i, j): rows block i of a member's ``g`` against STEPS of its column blocks, j counting the
+        members' column spans side by side (up to three members, each ``h_i``/``grad_h_i`` RANK columns on)."""
+        program = tl.program_id(1)
+        if program < blocks0:
+            g, up, grad_up, width, g_row_stride, column, block = g0, up0, grad_up0, width0, g_row_stride0, 0, program
+        elif program < blocks01:
+            g, up, grad_up, width, g_row_stride, column, block = (g1, up1, grad_up1, width1, g_row_stride1, RANK,
+                                                                  program - blocks0)
+        else:
+            g, up, grad_up, width, g_row_stride, column, block = (g2, up2, grad_up2, width2, g_row_stride2, 2 * RANK,
+                                                                  program - blocks01)
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         ranks = tl.arange(0, RANK_PAD)
         row_ok, rank_ok = rows < tokens, ranks < RANK
-        h_rows = tl.load(h + rows[:, None] * h_row_stride + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                         other=0.0).to(g.dtype.element_ty)
+        h_rows = tl.load(h + rows[:, None] * h_row_stride + column + ranks[None, :],
+                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(g.dtype.element_ty)
         grad_h_rows = tl.zeros([BLOCK_T, RANK_PAD], tl.float32)
         for step in range(STEPS):
-            cols = (tl.program_id(1) * STEPS + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = (block * STEPS + step) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < width
             tile = tl.load(g + rows[:, None] * g_row_stride + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -65,7 +80,7 @@ if triton is not None:
             grad_h_rows += tl.dot(tile, up_cols)
             tl.atomic_add(grad_up + cols[:, None] * RANK + ranks[None, :], tl.dot(tl.trans(tile), h_rows),
                           mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
-        tl.atomic_add(grad_h + rows[:, None] * grad_h_row_stride + ranks[None, :], grad_h_rows,
+        tl.atomic_add(grad_h + rows[:, None] * grad_h_row_stride + column + ranks[None, :], grad_h_rows,
                       mask=row_ok[:, None] & rank_ok[None, :], sem="relaxed")
 
     @triton.jit
@@ -95,26 +110,38 @@ if triton is not None:
 
 def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Tensor, up_dtype: torch.dtype):
     """Each member's pair (``gs[i]``, ``ups[i]``; ``h`` holds every member's ``h_i`` side by side): ``grad_h``
-    side by side in one tokens x sum(r) fp32 tensor, and each ``grad_up``."""
+    side by side in one tokens x sum(r) fp32 tensor, and each ``grad_up``. Members next to each other of one
+    rank share a launch, three at most."""
     tokens, ranks = h.shape[0], [up.shape[1] for up in ups]
     # one fill for every sum; an fp32 grad_up kept as the factor's gradient holds this storage, tokens x r
     # fp32 numbers more than it needs (twice the bytes of the h saved for the backward): cheaper than more fills
     sums = torch.zeros(tokens * sum(ranks) + sum(up.numel() for up in ups), device=h.device, dtype=torch.float32)
     grad_h = sums[:tokens * sum(ranks)].view(tokens, sum(ranks))
-    grad_ups, start, column = [], tokens * sum(ranks), 0
-    for g, up, rank in zip(gs, ups, ranks):
-        width = g.shape[1]
-        grad_up = sums[start:start + width * rank].view(width, rank)
-        steps = 8 if width >= 4096 else 4  # measured on an H200 (bench/results/thin-grads-2026-12-01-1gpu.json)
+    grad_ups, start = [], tokens * sum(ranks)
+    for up in ups:
+        grad_ups.append(sums[start:start + up.numel()].view(up.shape))
+        start += up.numel()
+    for first, end in runs(ranks, MEMBERS_PER_LAUNCH):
+        rank, members = ranks[first], range(first, end)
+        column = sum(ranks[:first])
+        widths = [gs[i].shape[1] for i in members]
+        # a member's programs each take STEPS column blocks of 64; more per program once the launch is wide
+        # enough to fill the GPU anyway (bench/results/thin-grads-2026-12-01-1gpu.json)
+        steps = 8 if sum(widths) >= 4096 else 4
+        blocks = [triton.cdiv(w, 64 * steps) for w in widths] + [0, 0]
         padded = triton.next_power_of_2(rank)
         block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
-        grid = (triton.cdiv(tokens, block_t), triton.cdiv(width, 64 * steps))
-        _grad_h_and_up_kernel[grid](g, up, h[:, column:column + rank], grad_h[:, column:column + rank], grad_up,
-                                    tokens, width, g.stride(0), h.stride(0), grad_h.stride(0), rank, padded,
-                                    block_t, 64, steps, num_warps=4, num_stages=4 if steps == 8 else 3)
-        grad_ups.append(grad_up.to(up_dtype))
-        start, column = start + width * rank, column + rank
-    return grad_h, grad_ups  # grad_h as summed (fp32): grad_down_and_x rounds it as it loads it
+        pad = MEMBERS_PER_LAUNCH - len(members)  # unused slots repeat the first member; no program reaches them
+        g_args = [gs[i] for i in members] + [gs[first]] * pad
+        grid = (triton.cdiv(tokens, block_t), sum(blocks))
+        _grad_h_and_up_kernel[grid](*g_args, *([ups[i] for i in members] + [ups[first]] * pad),
+                                    *([grad_ups[i] for i in members] + [grad_ups[first]] * pad),
+                                    *(g.shape[1] for g in g_args), *(g.stride(0) for g in g_args),
+                                    blocks[0], blocks[0] + blocks[1], h[:, column:], grad_h[:, column:], tokens,
+                                    h.stride(0), grad_h.stride(0), rank, padded, block_t, 64, steps,
+                                    num_warps=4, num_stages=4 if steps == 8 else 3)
+    return grad_h, [grad_up.to(up_dtype) for grad_up in grad_ups]  # grad_h as summed (fp32): grad_down_and_x
+    # rounds it as it loads it
 
 
 def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, down_dtype: torch.dtype):

@@ -182,20 +182,26 @@ def test_fp32_factor_gradients_come_from_the_gemm_accumulator_unrounded():
         assert error < tol and error < rounded / 5, (error, rounded)
 
 
-def test_backward_kernels_off_leaves_the_backward_to_the_gemms(monkeypatch):
-    """``backward_kernels = False`` (fsdp2_bench's rosa_gemms mode) never asks for thin_grads' kernels."""
-    from rosa_scale import thin_grads
+def test_kernels_off_leave_the_products_to_the_gemms(monkeypatch):
+    """``forward_kernels`` / ``backward_kernels = False`` (layer_bench's and fsdp2_bench's GEMM modes) never
+    ask for thin_forward's / thin_grads' kernels, and the other side still does."""
+    from rosa_scale import thin_forward, thin_grads
 
     asked = []
-    monkeypatch.setattr(thin_grads, "usable", lambda *operands: asked.append(len(operands)) or False)
+    monkeypatch.setattr(thin_grads, "usable", lambda *operands: asked.append("backward") or False)
+    monkeypatch.setattr(thin_forward, "usable", lambda *operands: asked.append("forward") or False)
     layer = _layer(nn.Linear(16, 8), torch.float32, fused=True)
     x = torch.randn(5, 16, requires_grad=True)
     layer(x).sum().backward()
-    assert asked == [3, 3]  # the g pair, then the x pair
+    assert asked == ["forward", "backward", "backward"]  # the output term; the g pair, then the x pair
     asked.clear()
     layer.backward_kernels = False
     layer(x).sum().backward()
-    assert asked == [] and layer.down.grad is not None
+    assert asked == ["forward"] and layer.down.grad is not None
+    asked.clear()
+    layer.forward_kernels, layer.backward_kernels = False, True
+    layer(x).sum().backward()
+    assert asked == ["backward", "backward"]
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])

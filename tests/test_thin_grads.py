@@ -99,11 +99,14 @@ def test_an_fp32_sliced_grad_h_gives_what_its_rounded_contiguous_copy_gives():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_group_in_one_call_matches_float64_products_per_member():
-    """Members of different widths and ranks, their h side by side: grad_h side by side, each grad_up."""
+@pytest.mark.parametrize("widths,ranks", [((4096, 1024, 1000), (16, 48, 16)),  # a launch per member
+                                          ((4096, 1024, 1000, 64, 300), (16,) * 5)])  # launches of 3 and 2
+def test_a_group_in_one_call_matches_float64_products_per_member(widths, ranks):
+    """Members of different widths and ranks, their h side by side: grad_h side by side, each grad_up
+    (members of one rank share a launch; each g a column slice of a wider tensor, its own row stride)."""
     torch.manual_seed(0)
-    tokens, widths, ranks = 700, (4096, 1024, 1000), (16, 48, 16)
-    gs = [torch.randn(tokens, w, device="cuda", dtype=torch.bfloat16) for w in widths]
+    tokens = 700
+    gs = [torch.randn(tokens, w + 8 * i, device="cuda", dtype=torch.bfloat16)[:, :w] for i, w in enumerate(widths)]
     ups = [torch.randn(w, r, device="cuda", dtype=torch.bfloat16) for w, r in zip(widths, ranks)]
     h = torch.randn(tokens, sum(ranks), device="cuda", dtype=torch.bfloat16)
     grad_h, grad_ups = thin_grads.grad_h_and_up(gs, ups, h, torch.float32)
