@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the GEMMs do the work
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only installs, or a torch before triton_op: the GEMMs do the work
     triton = None
 
 MEMBERS_PER_LAUNCH = 3  # q, k, v: the widest group of the architectures rosa_scale groups by default
@@ -93,7 +93,6 @@ def runs(keys: list, limit: int) -> list[tuple[int, int]]:
     return out
 
 
-@torch.library.triton_op("rosa_scale::adapter_terms", mutates_args=())
 def _adapter_terms(h: torch.Tensor, ups: list[torch.Tensor],
                    biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
     """``h_i up_i^T + b_i`` for each member (``h``: every member's ``h_i`` side by side, in order): members
@@ -106,6 +105,10 @@ def _adapter_terms(h: torch.Tensor, ups: list[torch.Tensor],
         column = sum(ranks[:first])
         outs += _launch(h[:, column:column + ranks[first] * (end - first)], ups[first:end], biases[first:end])
     return outs
+
+
+if triton is not None:
+    _adapter_terms = triton_op("rosa_scale::adapter_terms", mutates_args=())(_adapter_terms)
 
 
 def adapter_terms(h: torch.Tensor, ups: list[torch.Tensor], biases: list, kernels: bool) -> list[torch.Tensor]:
