@@ -91,7 +91,7 @@ class FusedRosaLinear(torch.autograd.Function):
     kernels (thin_forward.py, thin_grads.py) where they apply (False: GEMMs only)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: bool, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, down, up, transposed: bool, kernels: tuple, dtype: torch.dtype):
         ctx.factor_dtype, ctx.kernels, ctx.transposed = down.dtype, kernels[1], transposed
         ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         x, weight = x.to(dtype), weight.to(dtype)  # no copies unless autocast asks for them

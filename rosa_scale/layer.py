@@ -121,8 +121,9 @@ class RosaLinear(nn.Module):
             out = self.shared_input.output(self, x, dtype) if self.shared_input is not None else None
             if out is not None:  # computed with its siblings, from one pass over the same input
                 return out
+            kernels = (self.forward_kernels, self.backward_kernels)
             return FusedRosaLinear.apply(x, self.base.weight, getattr(self.base, "bias", None), self.down,
-                                         self.up, self.transposed, (self.forward_kernels, self.backward_kernels), dtype)
+                                         self.up, self.transposed, kernels, dtype)
         up, down = self.factors()
         out = self.base(x)
         delta = F.linear(F.linear(x.to(down.dtype), down), up)
