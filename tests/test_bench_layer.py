@@ -31,3 +31,17 @@ def test_an_unknown_mode_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         layer_bench.main(["--device", "cpu", "--tiny", "--modes", "rosa,lora", "--out", str(tmp_path / "x.json")])
     assert "unknown mode 'lora'" in capsys.readouterr().err
+
+
+def test_the_gemm_modes_turn_off_the_kernels_they_name():
+    import torch
+
+    import layer_bench
+    from rosa_scale import rosa_layers
+
+    args = layer_bench.parse_args(["--device", "cpu", "--tiny", "--depth", "1", "--out", "unused.json"],
+                                  modes=layer_bench.MODES, methods="", extra=layer_bench.extra_args)
+    for mode, forward, backward in (("rosa", True, True), ("rosa_forward_gemms", False, True),
+                                    ("rosa_gemms", False, False)):
+        layers = rosa_layers(layer_bench.build_layers(args, torch.device("cpu"), mode)).values()
+        assert layers and all((m.forward_kernels, m.backward_kernels) == (forward, backward) for m in layers), mode
