@@ -114,8 +114,10 @@ if triton is not None:
 def adapter_terms(h: torch.Tensor, ups: list[torch.Tensor], biases: list, kernels: bool) -> list[torch.Tensor]:
     """Each member's ``h_i up_i^T + b_i`` (``h_i``: ``h``'s columns in the members' order) as fresh tensors
     the base GEMMs may accumulate into: one launch per group where the kernel applies to every member
-    (``kernels``), a GEMM per member otherwise."""
+    (``kernels``) in a graph being compiled, a GEMM per member otherwise. Run eagerly, a launch through
+    Triton's Python JIT costs ~60 us of host time against ~17 for a GEMM (an H200 machine's host,
+    bench/results/host-2026-12-02-launch.json): more than the launch saves on the GPU (~11 us a group)."""
     hs = h.split([up.shape[1] for up in ups], dim=1)
-    if kernels and all(usable(h_i, up, b) for h_i, up, b in zip(hs, ups, biases)):
+    if kernels and torch.compiler.is_compiling() and all(usable(h_i, up, b) for h_i, up, b in zip(hs, ups, biases)):
         return list(torch.ops.rosa_scale.adapter_terms.default(h, ups, biases))
     return [h_i @ up.t() if b is None else torch.addmm(b, h_i, up.t()) for h_i, up, b in zip(hs, ups, biases)]

@@ -17,6 +17,7 @@ def test_the_kernel_stands_aside_where_it_cannot_run():
     assert not thin_forward.usable(h, up, None)  # CPU tensors: the GEMMs run
     outs = thin_forward.adapter_terms(h, [up], [torch.randn(32)], kernels=True)
     assert len(outs) == 1 and outs[0].shape == (8, 32)
+    assert torch.compile(lambda *a: thin_forward.adapter_terms(*a, kernels=True)[0])(h, [up], [None]).shape == (8, 32)
     if torch.cuda.is_available():
         h, up = h.cuda().bfloat16(), up.cuda().bfloat16()
         assert thin_forward.usable(h, up, None)
@@ -45,8 +46,8 @@ def test_each_term_matches_float64_as_closely_as_the_gemm(widths, ranks, bias, d
     ups = [torch.randn(w, r, device="cuda", dtype=dtype) for w, r in zip(widths, ranks)]
     biases = [torch.randn(w, device="cuda", dtype=dtype) if bias else None for w in widths]
     assert all(thin_forward.usable(h_i, up, b) for h_i, up, b in zip(h.split(ranks, 1), ups, biases))
-    got = thin_forward.adapter_terms(h, ups, biases, kernels=True)
-    gemm = thin_forward.adapter_terms(h, ups, biases, kernels=False)
+    got = torch.ops.rosa_scale.adapter_terms.default(h, ups, biases)  # the kernel, launched eagerly
+    gemm = thin_forward.adapter_terms(h, ups, biases, kernels=True)  # eagerly: the GEMMs
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     for out, ref, h_i, up, b in zip(got, gemm, h.split(ranks, 1), ups, biases):
         exact = h_i.double() @ up.double().t() + (b.double() if b is not None else 0)
@@ -54,3 +55,29 @@ def test_each_term_matches_float64_as_closely_as_the_gemm(widths, ranks, bias, d
         error = (out.double() - exact).abs()
         assert (error <= unit * exact.abs() + 1e-3).all()
         assert error.max() <= 1.5 * (ref.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_graph_launches_the_kernel_and_an_eager_call_the_gemms():
+    """Compiled: one launch of the kernel for the group, the same numbers as the kernel run eagerly.
+    Eager: cuBLAS (a Python launch through Triton's JIT costs more host time than it saves)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    h = torch.randn(512, 48, device="cuda", dtype=torch.bfloat16)
+    ups = [torch.randn(w, 16, device="cuda", dtype=torch.bfloat16) for w in (256, 64, 64)]
+    terms = torch.compile(lambda h, ups: thin_forward.adapter_terms(h, ups, [None] * 3, kernels=True))
+    terms(h, ups)
+    kernel_names = []
+    for run in (lambda: terms(h, ups), lambda: thin_forward.adapter_terms(h, ups, [None] * 3, kernels=True)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            outs = run()
+            torch.cuda.synchronize()
+        kernel_names.append([e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
+        if len(kernel_names) == 1:
+            compiled = outs
+    assert sum("_adapter_terms_kernel" in n for n in kernel_names[0]) == 1, kernel_names[0]
+    assert not any("_adapter_terms_kernel" in n for n in kernel_names[1]), kernel_names[1]
+    for a, b in zip(compiled, torch.ops.rosa_scale.adapter_terms.default(h, ups, [None] * 3)):
+        assert torch.equal(a, b)
