@@ -140,8 +140,8 @@ def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Ten
                                     blocks[0], blocks[0] + blocks[1], h[:, column:], grad_h[:, column:], tokens,
                                     h.stride(0), grad_h.stride(0), rank, padded, block_t, 64, steps,
                                     num_warps=4, num_stages=4 if steps == 8 else 3)
-    return grad_h, [grad_up.to(up_dtype) for grad_up in grad_ups]  # grad_h as summed (fp32): grad_down_and_x
-    # rounds it as it loads it
+    # grad_h as summed (fp32): grad_down_and_x rounds it as it loads it
+    return grad_h, [grad_up.to(up_dtype) for grad_up in grad_ups]
 
 
 def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, down_dtype: torch.dtype):
