@@ -21,6 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rosa_scale without an install
+from rosa_scale.builtin._cache import atomic_open  # noqa: E402
+
 TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_compiled": 1.1,
            "resample_overhead_frac_2gpu": 0.03, "max_step_over_median_2gpu": 2.0, "peak_gib_8b_ckpt_2gpu": 14.0}
 
@@ -177,9 +180,8 @@ def main() -> None:
     flat = summarize(args.prefix)
     if not flat:
         raise SystemExit(f"perf_report: no fsdp2_bench results at {args.prefix}-*.json")
-    out, tmp = Path(f"{args.prefix}.json"), Path(f"{args.prefix}.json.tmp")  # a kill leaves no half file
-    tmp.write_text(json.dumps(flat, indent=1) + "\n")
-    tmp.replace(out)
+    with atomic_open(f"{args.prefix}.json") as f:  # a kill leaves the last whole file, never half of one
+        f.write(json.dumps(flat, indent=1) + "\n")
     plot(args.prefix, flat)
     print(json.dumps(flat, indent=1))
 

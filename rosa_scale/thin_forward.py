@@ -69,17 +69,23 @@ def _launch(h: torch.Tensor, ups: list, biases: list) -> list[torch.Tensor]:
     outs = [torch.empty(tokens, up.shape[0], device=h.device, dtype=h.dtype) for up in ups]
     block_t, block_n = 64, 128  # measured on an H200 (bench/results/fwd-micro-2026-12-02-1gpu.json)
     blocks = [triton.cdiv(up.shape[0], block_n) for up in ups] + [0, 0]
-    # unused slots, which no program reaches: the first member's factor, and for outputs a spare number (a
-    # compiled graph copies what a kernel may write: repeating a real output there would alias it)
-    pad = MEMBERS_PER_LAUNCH - len(ups)
-    up_args, out_args = ups + ups[:1] * pad, outs + [h.new_empty(1) for _ in range(pad)]
-    bias_args = biases + biases[:1] * pad if biases[0] is not None else [h] * MEMBERS_PER_LAUNCH
+    # unused output slots get a spare number each (a compiled graph copies what a kernel may write:
+    # repeating a real output there would alias it)
+    out_args = outs + [h.new_empty(1) for _ in range(MEMBERS_PER_LAUNCH - len(outs))]
+    up_args = slots(ups, ups[0])
+    bias_args = slots(biases, biases[0]) if biases[0] is not None else slots([], h)
     grid = (sum(blocks), triton.cdiv(tokens, block_t))
     wrap_triton(_adapter_terms_kernel)[grid](
         h, *up_args, *bias_args, *out_args, *(u.shape[0] for u in up_args), blocks[0], blocks[0] + blocks[1],
         tokens, h.stride(0), rank, triton.next_power_of_2(rank), biases[0] is not None, block_t, block_n,
         num_warps=4)
     return outs
+
+
+def slots(items: list, fill) -> list:
+    """``items`` padded with ``fill`` to a launch's MEMBERS_PER_LAUNCH arguments (no program reaches the
+    padding)."""
+    return items + [fill] * (MEMBERS_PER_LAUNCH - len(items))
 
 
 def runs(keys: list, limit: int) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .thin_forward import MEMBERS_PER_LAUNCH, runs
+from .thin_forward import MEMBERS_PER_LAUNCH, runs, slots
 
 try:
     import triton
@@ -131,11 +131,10 @@ def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Ten
         blocks = [triton.cdiv(w, 64 * steps) for w in widths] + [0, 0]
         padded = triton.next_power_of_2(rank)
         block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
-        pad = MEMBERS_PER_LAUNCH - len(members)  # unused slots repeat the first member; no program reaches them
-        g_args = [gs[i] for i in members] + [gs[first]] * pad
+        g_args = slots([gs[i] for i in members], gs[first])  # unused slots: the first member's tensors
         grid = (triton.cdiv(tokens, block_t), sum(blocks))
-        _grad_h_and_up_kernel[grid](*g_args, *([ups[i] for i in members] + [ups[first]] * pad),
-                                    *([grad_ups[i] for i in members] + [grad_ups[first]] * pad),
+        _grad_h_and_up_kernel[grid](*g_args, *slots([ups[i] for i in members], ups[first]),
+                                    *slots([grad_ups[i] for i in members], grad_ups[first]),
                                     *(g.shape[1] for g in g_args), *(g.stride(0) for g in g_args),
                                     blocks[0], blocks[0] + blocks[1], h[:, column:], grad_h[:, column:], tokens,
                                     h.stride(0), grad_h.stride(0), rank, padded, block_t, 64, steps,
