@@ -31,7 +31,7 @@ TARGETS = {"rosa_over_frozen": 0.93, "rosa_over_peft": 1.3, "rosa_over_peft_comp
 # Optional runs of other step settings: each gives frozen/ROSA/PEFT ratios and fused/separate ROSA layers
 # (mode rosa_unfused), keyed by the run's name.
 # -local: rosa-train's one-process path (modes *_local), no fsdp.
-VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-adamw-foreach", "1gpu-order",
+VARIANTS = ("1gpu-ckpt", "1gpu-ckpt-peft", "1gpu-b4", "1gpu-adamw-fused", "1gpu-adamw-foreach", "1gpu-order", "1gpu-gc",
             "1gpu-local", "1gpu-local-ckpt", "2gpu-ckpt")
 MODES = ("frozen", "rosa", "rosa_unfused", "rosa_gemms", "rosa_ungrouped", "rosa_sharded", "peft_lora")
 
