@@ -108,6 +108,28 @@ if triton is not None:
                       mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
+def _up_side_launch(padded: int, width: int) -> tuple[int, int, int, int, int]:
+    """``grad_h_and_up``'s tokens per program, columns per step, steps, warps and pipeline stages for a launch
+    over ``width`` columns of ``g`` at a rank padded to ``padded``. Rank 16 as swept at Llama-3-8B's shapes on
+    an H200 (bench/results/thin-grads-2026-12-02-sweep-1gpu.json: q, k, v 16.1 against 21.9 us, gate and up
+    67.6 against 77.5); other ranks as first measured (thin-grads-2026-12-01-1gpu.json), their fp32 sums of
+    a row block kept in registers."""
+    if padded == 16:
+        return 256, 128, 4 if width <= 4096 else 8 if width < 16384 else 16, 8, 3
+    steps = 8 if width >= 4096 else 4
+    return 128 if padded <= 64 else 64, 64, steps, 4, 4 if steps == 8 else 3
+
+
+def _down_side_launch(padded: int, width: int) -> tuple[int, int, int]:
+    """``grad_down_and_x``'s columns per program, row blocks of 64 per program and pipeline stages, for ``x``
+    ``width`` wide at a rank padded to ``padded``: up to 64 as swept at Llama-3-8B's shapes on an H200
+    (thin-grads-2026-12-02-sweep-1gpu.json: 5-8% less time than the first choice at each), wider ranks as first
+    measured (thin-grads-2026-12-01-1gpu-more.json), the fp32 sums of a column block kept in registers."""
+    if padded <= 64:
+        return 64 if padded == 16 else 128, 4 if width > 8192 else 8, 2
+    return 64, 8, 3
+
+
 def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Tensor, up_dtype: torch.dtype):
     """Each member's pair (``gs[i]``, ``ups[i]``; ``h`` holds every member's ``h_i`` side by side): ``grad_h``
     side by side in one tokens x sum(r) fp32 tensor, and each ``grad_up``. Members next to each other of one
@@ -125,20 +147,17 @@ def _grad_h_and_up(gs: list[torch.Tensor], ups: list[torch.Tensor], h: torch.Ten
         rank, members = ranks[first], range(first, end)
         column = sum(ranks[:first])
         widths = [gs[i].shape[1] for i in members]
-        # a member's programs each take STEPS column blocks of 64; more per program once the launch is wide
-        # enough to fill the GPU anyway (bench/results/thin-grads-2026-12-01-1gpu.json)
-        steps = 8 if sum(widths) >= 4096 else 4
-        blocks = [triton.cdiv(w, 64 * steps) for w in widths] + [0, 0]
         padded = triton.next_power_of_2(rank)
-        block_t = 128 if padded <= 64 else 64  # the fp32 sums of a row block stay in registers
+        block_t, block_n, steps, warps, stages = _up_side_launch(padded, sum(widths))
+        blocks = [triton.cdiv(w, block_n * steps) for w in widths] + [0, 0]
         g_args = slots([gs[i] for i in members], gs[first])  # unused slots: the first member's tensors
         grid = (triton.cdiv(tokens, block_t), sum(blocks))
         _grad_h_and_up_kernel[grid](*g_args, *slots([ups[i] for i in members], ups[first]),
                                     *slots([grad_ups[i] for i in members], grad_ups[first]),
                                     *(g.shape[1] for g in g_args), *(g.stride(0) for g in g_args),
                                     blocks[0], blocks[0] + blocks[1], h[:, column:], grad_h[:, column:], tokens,
-                                    h.stride(0), grad_h.stride(0), rank, padded, block_t, 64, steps,
-                                    num_warps=4, num_stages=4 if steps == 8 else 3)
+                                    h.stride(0), grad_h.stride(0), rank, padded, block_t, block_n, steps,
+                                    num_warps=warps, num_stages=stages)
     # grad_h as summed (fp32): grad_down_and_x rounds it as it loads it
     return grad_h, [grad_up.to(up_dtype) for grad_up in grad_ups]
 
@@ -149,11 +168,11 @@ def _grad_down_and_x(x: torch.Tensor, down: torch.Tensor, grad_h: torch.Tensor, 
     grad_x = torch.empty(tokens, width, device=x.device, dtype=x.dtype)
     grad_down = torch.zeros(rank, width, device=x.device, dtype=torch.float32)
     padded = triton.next_power_of_2(rank)
-    block_d = 128 if padded <= 64 else 64  # the fp32 sums of a column block stay in registers
-    grid = (triton.cdiv(tokens, 64 * 8), triton.cdiv(width, block_d))  # thin-grads-2026-12-01-1gpu-more.json
+    block_d, steps, stages = _down_side_launch(padded, width)
+    grid = (triton.cdiv(tokens, 64 * steps), triton.cdiv(width, block_d))
     _grad_down_and_x_kernel[grid](x, down, grad_h, grad_x, grad_down, tokens, width, x.stride(0), grad_h.stride(0),
-                                  rank, padded, 64, block_d, 8,
-                                  num_warps=4, num_stages=3)
+                                  rank, padded, 64, block_d, steps,
+                                  num_warps=4, num_stages=stages)
     return grad_down.to(down_dtype), grad_x
 
 

@@ -60,7 +60,8 @@ def _down_side(tokens, width, rank, dtype, layout):
 @pytest.mark.parametrize("side", [_up_side, _down_side], ids=["g-up-and-g^T-h", "grad_h^T-x-and-grad_h-down"])
 @pytest.mark.parametrize("tokens,width,rank,layout", [(4096, 4096, 16, "contiguous"), (1000, 1000, 16, "slice"),
                                                       (300, 14336, 32, "fp32"), (257, 64, 64, "contiguous"),
-                                                      (777, 4096, 48, "slice"), (129, 1024, 80, "fp32")])
+                                                      (777, 4096, 48, "slice"), (129, 1024, 80, "fp32"),
+                                                      (300, 14336, 16, "slice")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_each_pair_matches_float64_products(side, tokens, width, rank, layout, dtype):
     torch.manual_seed(0)
@@ -100,7 +101,8 @@ def test_an_fp32_sliced_grad_h_gives_what_its_rounded_contiguous_copy_gives():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("widths,ranks", [((4096, 1024, 1000), (16, 48, 16)),  # a launch per member
-                                          ((4096, 1024, 1000, 64, 300), (16,) * 5)])  # launches of 3 and 2
+                                          ((4096, 1024, 1000, 64, 300), (16,) * 5),  # launches of 3 and 2
+                                          ((14336, 4096), (16, 16))])  # wide enough for the longest steps
 def test_a_group_in_one_call_matches_float64_products_per_member(widths, ranks):
     """Members of different widths and ranks, their h side by side: grad_h side by side, each grad_up
     (members of one rank share a launch; each g a column slice of a wider tensor, its own row stride)."""
