@@ -7,8 +7,8 @@ reads ``<prefix>-{1gpu,2gpu}-compiled.json`` (frozen, ROSA and PEFT LoRA, each d
 (checkpointing + chunked loss), ``<prefix>-2gpu-run-stagger.json`` (a run with the resample schedule;
 ``-2gpu-run-gc.json``, the same with collections at fixed steps, wins when present), ``<prefix>-70b-2gpu.json``,
 ``<prefix>-2gpu-docs{1,8}.json`` (packed documents), ``<prefix>-8b-loading.json`` and variants of the step
-(``VARIANTS``: checkpointing, a larger batch, AdamW's implementation, mode order, ``-1gpu-local[-ckpt]`` with the
-``*_local`` modes: rosa-train's one-process path); ``rosa`` is the step
+(``VARIANTS``: checkpointing, a larger batch, AdamW's implementation, mode order, ``-1gpu-gc`` (collections at
+fixed steps), ``-1gpu-local[-ckpt]`` with the ``*_local`` modes: rosa-train's one-process path); ``rosa`` is the step
 rosa-train takes by default, ``rosa_unfused``, ``rosa_gemms`` (the backward without thin_grads' kernels),
 ``rosa_ungrouped`` (``shared_inputs: []``) and
 ``rosa_sharded`` the same with one default changed; writes ``<prefix>.json`` and ``<prefix>-{speed,steps}.png``.
